@@ -1,0 +1,168 @@
+"""The on-storage dataset format: `manifest.json` plus `.npy` shard files per split.
+
+Why `.npy`: a fixed header followed by raw C-order bytes, so a rank that owns only
+samples [a, b) of a shard fetches exactly that byte range (one ranged GET on object
+stores), parses with `numpy.frombuffer` (zero copy, no pickle) and needs no extra
+dependency.  Each shard is two files, `<split>-NNNNN.x.npy` and `.y.npy` (labels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import storage
+from ..errors import UserError
+
+FORMAT_NAME = "aae-dist-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LABEL_DTYPE = np.int64
+
+
+@dataclass
+class ArrayFile:
+    file: str
+    bytes: int
+    sha256: str
+    header: int  # bytes before the first sample, for ranged reads
+
+
+@dataclass
+class Shard:
+    name: str
+    count: int
+    x: ArrayFile
+    y: ArrayFile | None = None
+
+
+@dataclass
+class Split:
+    count: int
+    shards: list[Shard] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    dtype: str
+    shape: list[int]
+    labels: bool
+    num_classes: int
+    splits: dict[str, Split]
+    source: str = ""
+    class_names: list[str] | None = None
+    version: int = FORMAT_VERSION
+
+    @property
+    def sample_bytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape)))
+
+    def split(self, name: str, url: str = "") -> Split:
+        if name not in self.splits:
+            raise UserError(f"dataset {storage.redact(url)} has no split '{name}' (it has: {', '.join(self.splits) or 'none'})")
+        sp = self.splits[name]
+        if sp.count == 0:
+            raise UserError(f"split '{name}' of dataset {storage.redact(url)} is empty: re-shard with data in it")
+        return sp
+
+    def to_json(self) -> str:
+        def arr(a: ArrayFile | None):
+            return None if a is None else a.__dict__.copy()
+
+        doc = {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "source": self.source,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "labels": self.labels,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "splits": {
+                name: {
+                    "count": sp.count,
+                    "shards": [{"name": s.name, "count": s.count, "x": arr(s.x), "y": arr(s.y)} for s in sp.shards],
+                }
+                for name, sp in self.splits.items()
+            },
+        }
+        return json.dumps(doc, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, url: str = "") -> "Manifest":
+        where = storage.redact(url)
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != FORMAT_NAME:
+                raise ValueError(f"'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+            if int(doc["version"]) > FORMAT_VERSION:
+                raise ValueError(f"format version {doc['version']} is newer than this aae-dist reads ({FORMAT_VERSION})")
+            splits = {}
+            for name, sp in doc["splits"].items():
+                shards = []
+                for s in sp["shards"]:
+                    shards.append(
+                        Shard(
+                            name=str(s["name"]),
+                            count=int(s["count"]),
+                            x=ArrayFile(**s["x"]),
+                            y=ArrayFile(**s["y"]) if s.get("y") else None,
+                        )
+                    )
+                if sum(s.count for s in shards) != int(sp["count"]):
+                    raise ValueError(f"split '{name}' count {sp['count']} differs from the sum of its shards")
+                splits[name] = Split(count=int(sp["count"]), shards=shards)
+            np.dtype(doc["dtype"])
+            return cls(
+                dtype=str(doc["dtype"]),
+                shape=[int(d) for d in doc["shape"]],
+                labels=bool(doc["labels"]),
+                num_classes=int(doc["num_classes"]),
+                splits=splits,
+                source=str(doc.get("source", "")),
+                class_names=doc.get("class_names"),
+                version=int(doc["version"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"invalid manifest {where}/{MANIFEST}: {type(exc).__name__}: {exc} (re-shard the dataset)") from None
+
+
+def read_manifest(url: str) -> Manifest:
+    murl = storage.join(url, MANIFEST)
+    if not storage.exists(murl):
+        raise UserError(f"no dataset at {storage.redact(url)}: {MANIFEST} is missing (create it with 'aae-dist shard SOURCE {storage.redact(url)}')")
+    return Manifest.from_json(storage.read_bytes(murl).decode("utf-8", errors="replace"), url)
+
+
+def encode_npy(arr: np.ndarray) -> tuple[bytes, int]:
+    """`.npy` bytes for arr and the length of its header."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    data = buf.getvalue()
+    return data, len(data) - arr.nbytes
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_npy(data: bytes, url: str, expect_dtype, expect_shape: tuple, count: int) -> np.ndarray:
+    """Parse whole-file `.npy` bytes without pickle, checking dtype, shape and count."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt shard
+        raise UserError(f"corrupt shard {storage.redact(url)}: {type(exc).__name__}: {exc} (re-shard the dataset)") from None
+    check_array(arr, url, expect_dtype, expect_shape, count)
+    return arr
+
+
+def check_array(arr: np.ndarray, url: str, expect_dtype, expect_shape: tuple, count: int) -> None:
+    if arr.dtype != np.dtype(expect_dtype) or tuple(arr.shape[1:]) != tuple(expect_shape) or arr.shape[0] != count:
+        raise UserError(
+            f"shard {storage.redact(url)} holds {arr.dtype} {tuple(arr.shape)}, manifest says "
+            f"{np.dtype(expect_dtype)} ({count}, {', '.join(map(str, expect_shape))}) (re-shard the dataset)"
+        )

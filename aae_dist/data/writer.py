@@ -1,0 +1,72 @@
+"""Write arrays as a sharded dataset; the manifest goes last so a killed write never looks complete."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import storage
+from ..errors import UserError
+from .format import LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, encode_npy, sha256
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+def write_dataset(
+    dest: str,
+    splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    *,
+    num_classes: int,
+    source: str,
+    class_names: list[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
+    manifest_url = storage.join(dest, MANIFEST)
+    if storage.exists(manifest_url):
+        if not overwrite:
+            raise UserError(f"a dataset already exists at {storage.redact(dest)}: pass --overwrite to replace it")
+        storage.remove(manifest_url, recursive=False)  # first: a half-rewritten dataset must not look complete
+        for name in storage.listdir(dest):
+            if name.endswith(".npy"):
+                storage.remove(storage.join(dest, name), recursive=False)
+
+    first_x = next(iter(splits.values()))[0]
+    dtype, shape = first_x.dtype, tuple(first_x.shape[1:])
+    has_labels = all(y is not None for _, y in splits.values())
+    total = sum(len(x) for x, _ in splits.values())
+    out_splits: dict[str, Split] = {}
+    with tqdm(total=total, unit="sample", desc=f"shard -> {storage.redact(dest)}", disable=not progress) as bar:
+        for split_name, (x, y) in splits.items():
+            if x.dtype != dtype or tuple(x.shape[1:]) != shape:
+                raise UserError(f"split '{split_name}' has samples {x.dtype} {x.shape[1:]}, others {dtype} {shape}")
+            shards = []
+            for i, start in enumerate(range(0, len(x), shard_size)):
+                name = f"{split_name}-{i:05d}"
+                xs = x[start : start + shard_size]
+                x_file = _write_array(dest, f"{name}.x.npy", xs)
+                y_file = _write_array(dest, f"{name}.y.npy", y[start : start + shard_size].astype(LABEL_DTYPE)) if has_labels else None
+                shards.append(Shard(name=name, count=len(xs), x=x_file, y=y_file))
+                bar.update(len(xs))
+            out_splits[split_name] = Split(count=len(x), shards=shards)
+
+    manifest = Manifest(
+        dtype=str(dtype),
+        shape=list(shape),
+        labels=has_labels,
+        num_classes=int(num_classes) if has_labels else 0,
+        splits=out_splits,
+        source=source,
+        class_names=class_names,
+    )
+    storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
+    return manifest
+
+
+def _write_array(dest: str, file: str, arr: np.ndarray) -> ArrayFile:
+    data, header = encode_npy(arr)
+    storage.write_bytes_atomic(storage.join(dest, file), data)
+    return ArrayFile(file=file, bytes=len(data), sha256=sha256(data), header=header)

@@ -1,0 +1,143 @@
+"""Each bad input to the data layer: one line naming the URL and the fix, non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from aae_dist.cli import main
+from aae_dist.data import ShardStream
+from aae_dist.errors import UserError
+from test_data_format import write_idx
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def one_line_error(code, err, *needles):
+    assert code != 0
+    assert err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_missing_manifest(tmp_path, capsys):
+    one_line_error(*run_cli(capsys, "verify", str(tmp_path)), str(tmp_path), "manifest.json is missing", "aae-dist shard")
+
+
+def test_invalid_manifest(make_dataset, capsys):
+    url, _, _ = make_dataset(100, 50)
+    with open(os.path.join(url, "manifest.json"), "w") as fh:
+        fh.write("{not json")
+    one_line_error(*run_cli(capsys, "verify", url), "invalid manifest", url)
+
+
+def test_sha256_mismatch(make_dataset, capsys):
+    url, _, _ = make_dataset(100, 50)
+    path = os.path.join(url, "train-00001.x.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF  # same size, different content
+    open(path, "wb").write(bytes(data))
+    one_line_error(*run_cli(capsys, "verify", url), "train-00001.x.npy", "sha256")
+
+
+def test_truncated_shard_whole_and_ranged(make_dataset, capsys):
+    url, _, _ = make_dataset(100, 100)
+    path = os.path.join(url, "train-00000.x.npy")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-40])
+    one_line_error(*run_cli(capsys, "verify", url), "train-00000.x.npy", "bytes, manifest says")
+    with pytest.raises(UserError, match="truncated"):
+        list(ShardStream(url, "train", 10, rank=1, world_size=2).iter_epoch(0))  # ranged read path
+
+
+def test_shard_with_wrong_shape(make_dataset, capsys):
+    url, _, _ = make_dataset(100, 100)
+    from aae_dist.data.format import encode_npy, sha256
+
+    bad, header = encode_npy(np.zeros((100, 1, 2, 8), np.uint8))
+    path = os.path.join(url, "train-00000.x.npy")
+    open(path, "wb").write(bad)
+    doc = json.load(open(os.path.join(url, "manifest.json")))
+    doc["splits"]["train"]["shards"][0]["x"].update(bytes=len(bad), sha256=sha256(bad), header=header)
+    json.dump(doc, open(os.path.join(url, "manifest.json"), "w"))
+    one_line_error(*run_cli(capsys, "verify", url), "train-00000.x.npy", "(100, 1, 2, 8)", "manifest says")
+
+
+def test_missing_shard_file(make_dataset, capsys):
+    url, _, _ = make_dataset(100, 50)
+    os.remove(os.path.join(url, "train-00001.y.npy"))
+    one_line_error(*run_cli(capsys, "verify", url), "missing file", "train-00001.y.npy")
+
+
+def test_unknown_source(tmp_path, capsys):
+    one_line_error(*run_cli(capsys, "shard", "cifar:/x", str(tmp_path / "o")), "unknown source 'cifar:/x'", "mnist-idx:DIR")
+
+
+def test_idx_wrong_magic(tmp_path, capsys):
+    src = tmp_path / "idx"
+    src.mkdir()
+    write_idx(src, "train", np.zeros((5, 28, 28), np.uint8), np.zeros(5), gz=False)
+    write_idx(src, "t10k", np.zeros((5, 28, 28), np.uint8), np.zeros(5), gz=False)
+    p = src / "t10k-images-idx3-ubyte"
+    p.write_bytes(b"\x00\x00\x09\x03" + p.read_bytes()[4:])
+    one_line_error(*run_cli(capsys, "shard", f"mnist-idx:{src}", str(tmp_path / "o")), "t10k-images-idx3-ubyte", "wrong magic number")
+
+
+def test_idx_mismatched_counts(tmp_path, capsys):
+    src = tmp_path / "idx"
+    src.mkdir()
+    write_idx(src, "train", np.zeros((5, 28, 28), np.uint8), np.zeros(4), gz=True)
+    write_idx(src, "t10k", np.zeros((5, 28, 28), np.uint8), np.zeros(5), gz=True)
+    one_line_error(*run_cli(capsys, "shard", f"mnist-idx:{src}", str(tmp_path / "o")), "count mismatch", "5 images", "4 labels")
+
+
+def test_idx_truncated(tmp_path, capsys):
+    src = tmp_path / "idx"
+    src.mkdir()
+    write_idx(src, "train", np.zeros((5, 28, 28), np.uint8), np.zeros(5), gz=False)
+    p = src / "train-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-10])
+    one_line_error(*run_cli(capsys, "shard", f"mnist-idx:{src}", str(tmp_path / "o")), "train-images-idx3-ubyte", "truncated")
+
+
+def test_unreachable_storage(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTEDSECRET")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret-value")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AAE_STORAGE_RETRIES", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        code, err = run_cli(capsys, "verify", "s3://no-bucket/data")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    one_line_error(code, err, "storage unreachable", "s3://no-bucket/data")
+    assert "planted-secret" not in err and "AKIAPLANTED" not in err
+
+
+def test_more_ranks_than_samples(make_dataset):
+    url, _, _ = make_dataset(3, 2, test=0)
+    with pytest.raises(UserError, match="4 ranks but split 'train'.*only 3 samples: use fewer workers"):
+        ShardStream(url, "train", 1, rank=0, world_size=4)
+
+
+def test_labels_required_but_absent(make_dataset):
+    url, _, _ = make_dataset(50, 25, labels=False)
+    with pytest.raises(UserError, match="labeled_per_class needs labels"):
+        ShardStream(url, "train", 5, labeled_per_class=2)
+
+
+def test_unknown_split(make_dataset):
+    url, _, _ = make_dataset(50, 25, test=0)
+    with pytest.raises(UserError, match="no split 'test'"):
+        ShardStream(url, "test", 5)

@@ -1,0 +1,137 @@
+"""Rank partitioning, shuffling, resume and label hiding of the streaming reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aae_dist.data import ShardStream
+from conftest import ident
+
+
+def epoch_ids(url, world, epoch, batch=32, **kw):
+    per_rank, counts = [], []
+    for rank in range(world):
+        s = ShardStream(url, "train", batch, rank=rank, world_size=world, seed=11, **kw)
+        batches = list(s.iter_epoch(epoch))
+        assert len(batches) == len(s)
+        counts.append(len(batches))
+        per_rank.append(np.concatenate([ident(x.numpy()) for x, _ in batches]))
+    return per_rank, counts
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("shard_size", [100, 333, 1000])  # uneven shards; 1000 = fewer shards than ranks
+def test_every_sample_once_and_equal_batches(make_dataset, world, shard_size):
+    url, _, _ = make_dataset(1000, shard_size)
+    per_rank, counts = epoch_ids(url, world, epoch=0)
+    assert len(set(counts)) == 1
+    allids = np.concatenate(per_rank)
+    assert len(allids) == len(set(allids.tolist())) == world * (1000 // world)  # documented: N % world left out
+    assert set(allids.tolist()) <= set(range(1000))
+    later, _ = epoch_ids(url, world, epoch=1)
+    assert not np.array_equal(np.concatenate(later), allids)  # order differs between epochs
+
+
+def test_partial_shard_reads_only_its_byte_range(make_dataset, monkeypatch):
+    from aae_dist import storage
+
+    url, _, _ = make_dataset(1000, 1000)
+    ranges = []
+    real = storage.read_bytes
+
+    def spy(u, start=None, end=None):
+        ranges.append((u.rsplit("/", 1)[-1], start, end))
+        return real(u, start, end)
+
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    s = ShardStream(url, "train", 50, rank=1, world_size=4, seed=0)
+    list(s.iter_epoch(0))
+    x_reads = [r for r in ranges if r[0].endswith(".x.npy")]
+    assert len(x_reads) == 1 and x_reads[0][1] is not None
+    assert x_reads[0][2] - x_reads[0][1] == 250 * 16  # 250 samples of 16 bytes
+
+
+def test_shuffle_buffer_mixes_across_shards(make_dataset):
+    url, _, _ = make_dataset(1000, 100)
+    s = ShardStream(url, "train", 100, seed=3, shuffle_buffer=500)
+    first = ident(next(iter(s.iter_epoch(0)))[0].numpy())
+    assert len({i // 100 for i in first}) > 1  # a batch draws from several shards
+
+
+def test_same_seed_same_order_and_seed_changes_it(make_dataset):
+    url, _, _ = make_dataset(500, 100)
+    a = [ident(x.numpy()) for x, _ in ShardStream(url, "train", 50, seed=1).iter_epoch(2)]
+    b = [ident(x.numpy()) for x, _ in ShardStream(url, "train", 50, seed=1).iter_epoch(2)]
+    c = [ident(x.numpy()) for x, _ in ShardStream(url, "train", 50, seed=2).iter_epoch(2)]
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_resume_mid_epoch_yields_exactly_the_rest(make_dataset, world):
+    url, _, _ = make_dataset(900, 128)
+    for rank in range(world):
+        full = ShardStream(url, "train", 40, rank=rank, world_size=world, seed=4)
+        full.set_epoch(1)
+        all_ids = [ident(x.numpy()) for x, _ in full]
+        s = ShardStream(url, "train", 40, rank=rank, world_size=world, seed=4)
+        s.set_epoch(1)
+        it = iter(s)
+        seen = [ident(next(it)[0].numpy()) for _ in range(3)]
+        state = s.state_dict()
+        assert state == {"epoch": 1, "position": 3}
+        r = ShardStream(url, "train", 40, rank=rank, world_size=world, seed=4)
+        r.load_state_dict(state)
+        rest = [ident(x.numpy()) for x, _ in r]
+        assert np.array_equal(np.concatenate(seen + rest), np.concatenate(all_ids))
+
+
+def test_drop_last_gives_full_batches(make_dataset):
+    url, _, _ = make_dataset(1000, 128)
+    s = ShardStream(url, "train", 64, world_size=3, rank=2, drop_last=True)
+    sizes = [len(x) for x, _ in s.iter_epoch(0)]
+    assert sizes == [64] * (333 // 64) == [64] * len(s)
+
+
+def test_labeled_per_class_same_on_all_ranks(make_dataset):
+    url, _, y = make_dataset(1000, 128)
+    labeled = []
+    for rank in range(2):
+        s = ShardStream(url, "train", 50, rank=rank, world_size=2, seed=9, labeled_per_class=7)
+        for x, yb in s.iter_epoch(0):
+            ids, yb = ident(x.numpy()), yb.numpy()
+            known = yb >= 0
+            np.testing.assert_array_equal(yb[known], y[ids[known]])
+            labeled.extend(ids[known].tolist())
+    assert len(labeled) == 70 and len(set(labeled)) == 70
+    assert np.bincount(y[labeled], minlength=10).tolist() == [7] * 10
+    again = ShardStream(url, "train", 50, seed=9, labeled_per_class=7)
+    ids2 = [i for x, yb in again.iter_epoch(3) for i, v in zip(ident(x.numpy()), yb.numpy()) if v >= 0]
+    assert sorted(ids2) == sorted(labeled)  # same choice whatever the rank count or epoch
+
+
+def test_prefetch_overlaps_reading(make_dataset, monkeypatch):
+    """The next segment is requested before the current one is consumed."""
+    import threading
+
+    url, _, _ = make_dataset(600, 100)
+    s = ShardStream(url, "train", 100, shuffle=False, prefetch=1)
+    threads, calls = set(), []
+    real = s.read_segment
+
+    def spy(seg):
+        calls.append(seg)
+        threads.add(threading.current_thread().name)
+        return real(seg)
+
+    s.read_segment = spy
+    it = s.iter_epoch(0)
+    next(it)
+    import time
+
+    deadline = time.time() + 5
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= 2  # segment 2 requested while batch 1 is still being consumed
+    assert all(t.startswith("shard-prefetch") for t in threads)
