@@ -1,0 +1,173 @@
+"""One typed config object for a run: YAML files and `--set KEY=VALUE` fill it, pydantic checks it.
+
+Unknown keys and wrong types are refused here, before any worker starts."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+PosInt = Field(gt=0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: str = ""  # dataset URL; empty = the embedded digits, sharded on first use
+    batch_size: int = Field(100, gt=0)  # per worker
+    shuffle_buffer: int = Field(16384, ge=0)
+    prefetch: int = Field(2, ge=0)
+    cache_dir: Optional[str] = None  # local cache for remote shards
+    labeled_per_class: Optional[int] = Field(None, gt=0)
+    eval_split: str = "test"
+
+
+class ModelConfig(Section):
+    kind: Literal["mlp", "conv"] = "mlp"
+    hidden: list[int] = [1000, 1000]
+    disc_hidden: list[int] = [1000, 1000]
+    latent_dim: int = Field(8, gt=0)
+    posterior: Literal["deterministic", "gaussian", "universal"] = "deterministic"
+    noise_dim: int = Field(16, gt=0)  # universal approximator: noise concatenated to the input
+    conv_channels: list[int] = [32, 64]
+    output: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli (sigmoid+BCE) for uint8 pixels
+
+    @field_validator("hidden", "disc_hidden", "conv_channels")
+    @classmethod
+    def _positive(cls, v):
+        if not v or any(int(h) <= 0 for h in v):
+            raise ValueError("needs one or more positive layer sizes")
+        return v
+
+
+class PriorConfig(Section):
+    kind: Literal["gaussian", "uniform", "gamma", "mixture", "swiss_roll", "categorical"] = "gaussian"
+    std: float = Field(1.0, gt=0)  # gaussian
+    low: float = -1.0  # uniform
+    high: float = 1.0
+    shape: float = Field(2.0, gt=0)  # gamma concentration
+    scale: float = Field(1.0, gt=0)  # gamma scale
+    components: int = Field(10, gt=0)  # mixture / swiss roll segments / categorical classes
+    radius: float = Field(4.0, gt=0)  # mixture: distance of component means from the origin
+    radial_std: float = Field(0.5, gt=0)
+    tangential_std: float = Field(0.1, gt=0)
+
+
+class PhaseConfig(Section):
+    lr: float = Field(gt=0)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    every: int = Field(1, gt=0)  # run on steps where step % every == 0
+    weight: float = Field(1.0, ge=0)  # loss weight
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    decay_every: int = Field(10_000, gt=0)  # schedule=step
+    decay: float = Field(0.1, gt=0)
+
+
+class DiscriminatorPhaseConfig(PhaseConfig):
+    repeat: int = Field(1, gt=0)  # D steps per generator step
+    input_noise: float = Field(0.0, ge=0)  # std of noise added to D's inputs
+    skip_above_accuracy: Optional[float] = Field(None, gt=0, le=1)  # skip D while its global accuracy is above
+
+
+class PhasesConfig(Section):
+    reconstruction: PhaseConfig = PhaseConfig(lr=1e-3, beta1=0.9)
+    discriminator: DiscriminatorPhaseConfig = DiscriminatorPhaseConfig(lr=2e-4)
+    generator: PhaseConfig = PhaseConfig(lr=2e-4)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)  # stop early when set
+    checkpoint_every: int = Field(500, gt=0)  # steps
+    keep_checkpoints: int = Field(3, gt=0)
+    max_failures: int = Field(3, ge=0)  # worker failures survived
+    seed: int = 0
+    warmup_steps: int = Field(0, ge=0)  # reconstruction-only steps first
+    sync_every: int = Field(20, gt=0)  # steps between the coordinator's reductions
+    target_recon_loss: Optional[float] = None  # stop once the reduced reconstruction loss is below
+    amp: bool = False  # bf16 autocast, GPU only
+    threads: Optional[int] = Field(None, gt=0)  # torch threads per worker
+    image_every: int = Field(500, gt=0)
+    nan_policy: Literal["skip", "stop"] = "stop"
+
+
+class RunSection(Section):
+    name: str = "aae"
+    storage: str = "runs"
+    workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray
+    gpu: bool = False
+    address: Optional[str] = None
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    prior: PriorConfig = PriorConfig()
+    phases: PhasesConfig = PhasesConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunSection = RunSection()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _explain(exc: ValidationError, origin: str) -> UserError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return UserError(f"unknown config key '{key}' in {origin}: check the spelling (see jobs/*.yaml for valid keys)")
+    value = err.get("input")
+    return UserError(f"bad value for config key '{key}' in {origin}: {err['msg']} (got {value!r})")
+
+
+def _set_path(doc: dict, dotted: str, value, origin: str) -> None:
+    parts = dotted.split(".")
+    node = doc
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key '{dotted}' in {origin}: '{p}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- YAML file <- `--set KEY=VALUE` (values parsed as YAML scalars)."""
+    doc: dict = dict(base or {})
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} not found") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        doc = _merge(doc, loaded)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(doc, key.strip(), value, f"--set {item}")
+    try:
+        return Config.model_validate(doc)
+    except ValidationError as exc:
+        raise _explain(exc, path or "--set") from None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

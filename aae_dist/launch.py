@@ -1,0 +1,164 @@
+"""The driver side of `aae-dist train`: resolve the config, prepare data and the run folder, launch workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import storage
+from .config import Config, load_config
+from .errors import UserError
+
+DEFAULT_DATA_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "aae-dist", "digits")
+
+
+def ensure_default_data(cache: str = DEFAULT_DATA_CACHE) -> str:
+    """The embedded digits, sharded into a local cache the first time."""
+    from .data.format import MANIFEST
+
+    if not os.path.exists(os.path.join(cache, MANIFEST)):
+        from .data.sources import load_digits
+        from .data.writer import write_dataset
+
+        src = load_digits()
+        write_dataset(cache, src.splits, num_classes=src.num_classes, source=src.name, shard_size=1000, overwrite=True)
+    return cache
+
+
+def parse_workers(spec: str) -> tuple[int, int]:
+    lo, sep, hi = str(spec).partition(":")
+    try:
+        a, b = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+        raise UserError(f"--workers {spec!r}: expected N or MIN:MAX, e.g. --workers 2") from None
+    if a < 0 or b < a or (sep and a == 0):
+        raise UserError(f"--workers {spec!r}: need 0 <= MIN <= MAX (0 = in-process) ")
+    return a, b
+
+
+def resolve(args) -> Config:
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+    run = cfg.run
+    for flag, key in (("workers", "workers"), ("storage", "storage"), ("name", "name"), ("address", "address")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(run, key, str(value))
+    if getattr(args, "gpu", False):
+        run.gpu = True
+    return cfg
+
+
+def preflight(cfg: Config) -> None:
+    """Everything that can be checked before a worker starts."""
+    from .data.format import read_manifest
+    from .models.priors import build_prior
+
+    lo, hi = parse_workers(cfg.run.workers)
+    build_prior(cfg.prior, cfg.model.latent_dim)
+    if cfg.run.gpu:
+        import torch
+
+        if cfg.run.address is None and not torch.cuda.is_available():
+            raise UserError("--gpu given but no CUDA GPU is visible here: drop --gpu or run on a GPU node (--address)")
+    m = read_manifest(cfg.data.path)
+    train = m.split("train", cfg.data.path)
+    world = max(1, hi)
+    if train.count // world < cfg.data.batch_size:
+        raise UserError(
+            f"{world} workers x data.batch_size={cfg.data.batch_size} needs at least {world * cfg.data.batch_size} training samples, "
+            f"{storage.redact(cfg.data.path)} has {train.count}: lower data.batch_size or --workers"
+        )
+    if cfg.data.labeled_per_class and not m.labels:
+        raise UserError(f"data.labeled_per_class needs labels, but {storage.redact(cfg.data.path)} has none")
+    from .models.networks import build_networks
+
+    build_networks(cfg.model, tuple(m.shape))
+
+
+def run_exists(run_url: str) -> bool:
+    from .training.checkpoint import PREFIX
+
+    return any(n.startswith(PREFIX) or n in ("summary.json", "config.json") for n in storage.listdir(run_url))
+
+
+def train_from_cli(args) -> int:
+    os.environ.setdefault("AAE_DIST_T0", str(time.time()))
+    cfg = resolve(args)
+    if not cfg.data.path:
+        cfg.data.path = ensure_default_data()
+    storage_url = cfg.run.storage
+    if storage.is_local(storage_url):
+        storage_url = os.path.abspath(storage_url)
+        cfg.run.storage = storage_url
+    run_url = storage.join(storage_url, cfg.run.name)
+    exists = run_exists(run_url)
+    if getattr(args, "resume", False) and not exists:
+        raise UserError(f"--resume: no run named '{cfg.run.name}' at {storage.redact(storage_url)}: check --name/--storage or drop --resume")
+    if exists and not getattr(args, "resume", False):
+        if not getattr(args, "overwrite", False):
+            raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
+        storage.remove(run_url)
+    preflight(cfg)
+    storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(), indent=1).encode())
+    summary = launch(cfg, run_url)
+    if summary:
+        print(
+            f"done: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "
+            f"recon_loss {summary['metrics']['recon_loss']:.4f}; run folder {storage.redact(run_url)}"
+        )
+    return 0
+
+
+def launch(cfg: Config, run_url: str) -> dict:
+    lo, hi = parse_workers(cfg.run.workers)
+    if hi == 0:
+        from .training.worker import train_in_process
+
+        return train_in_process(cfg, run_url)
+    return launch_ray(cfg, run_url, lo, hi)
+
+
+def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .training.worker import train_worker
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.address, log_to_driver=True, include_dashboard=False) if cfg.run.address else ray.init(include_dashboard=False)
+    workers = (lo, hi) if lo != hi else hi
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.run.gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - surface a worker's UserError as one line
+        raise _user_error_from(exc) from None
+    if result.error:
+        raise _user_error_from(result.error)
+    raw = storage.read_bytes(storage.join(run_url, "summary.json"))
+    return json.loads(raw)
+
+
+def _user_error_from(exc: BaseException) -> BaseException:
+    text = str(exc)
+    marker = "UserError: "
+    if marker in text:
+        return UserError(text.split(marker, 1)[1].splitlines()[0])
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return cause
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return UserError(f"training failed: {type(exc).__name__}: {' '.join(text.split())[:300]}")

@@ -1,0 +1,124 @@
+"""Encoder q(z|x), decoder p(x|z), discriminator D(z): MLP (the paper's) and convolutional families.
+
+Every parameter of a module takes part in every phase that uses the module (one head
+Linear for mu and log-sigma), so DDP never sees a partly-used module."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+
+@dataclass
+class Codes:
+    z: torch.Tensor
+    mu: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+
+
+def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ConvTrunk(nn.Module):
+    """Strided 4x4 convolutions halving the image each time, then flatten."""
+
+    def __init__(self, channels: int, widths: list[int], height: int, width: int):
+        super().__init__()
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+            c = w
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        f = 2 ** len(widths)
+        self.out_features = c * (height // f) * (width // f)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]):
+        super().__init__()
+        self.posterior = cfg.posterior
+        self.latent_dim = cfg.latent_dim
+        self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
+        if cfg.kind == "conv":
+            self.trunk = ConvTrunk(shape[0], cfg.conv_channels, shape[1], shape[2])
+            feat = self.trunk.out_features
+        else:
+            self.trunk = nn.Flatten()
+            feat = int(math.prod(shape))
+        self.body = mlp([feat + self.noise_dim] + list(cfg.hidden), final_activation=True)
+        self.head = nn.Linear(cfg.hidden[-1], cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
+        h = self.trunk(x)
+        if self.noise_dim:
+            h = torch.cat([h, torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype, generator=generator)], 1)
+        out = self.head(self.body(h))
+        if self.posterior != "gaussian":
+            return Codes(z=out)
+        mu, logvar = out.chunk(2, dim=1)
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        return Codes(z=mu + torch.exp(0.5 * logvar) * eps, mu=mu, logvar=logvar)
+
+
+class Decoder(nn.Module):
+    """Returns logits (bernoulli output) or means (gaussian output) shaped like the data."""
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+        if cfg.kind == "conv":
+            f = 2 ** len(cfg.conv_channels)
+            self.base = (cfg.conv_channels[-1], shape[1] // f, shape[2] // f)
+            layers: list[nn.Module] = []
+            widths = list(reversed(cfg.conv_channels))
+            for a, b in zip(widths, widths[1:] + [shape[0]]):
+                layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU(inplace=True)]
+            self.up = nn.Sequential(*layers[:-1])
+            self.body = mlp([cfg.latent_dim] + list(cfg.hidden) + [int(math.prod(self.base))], final_activation=True)
+        else:
+            self.up = None
+            self.body = mlp([cfg.latent_dim] + list(cfg.hidden) + [int(math.prod(shape))])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.body(z)
+        if self.up is None:
+            return h.view(-1, *self.shape)
+        return self.up(h.view(-1, *self.base))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_dim: int):
+        super().__init__()
+        self.net = mlp([in_dim] + list(cfg.disc_hidden) + [1])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(1)
+
+
+def build_networks(cfg: ModelConfig, shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    if cfg.kind == "conv":
+        if len(shape) != 3:
+            raise UserError(f"model.kind=conv needs image samples (C, H, W), the dataset has shape {tuple(shape)}: use model.kind=mlp")
+        f = 2 ** len(cfg.conv_channels)
+        if shape[1] % f or shape[2] % f:
+            raise UserError(f"model.kind=conv with {len(cfg.conv_channels)} layers needs H and W divisible by {f}, data is {shape[1]}x{shape[2]}: change model.conv_channels")
+    return {
+        "encoder": Encoder(cfg, shape),
+        "decoder": Decoder(cfg, shape),
+        "discriminator": Discriminator(cfg, cfg.latent_dim),
+    }

@@ -1,0 +1,82 @@
+"""Where a worker runs: under Ray Train (report/get_checkpoint are Ray's) or in-process (no Ray).
+
+The worker loop talks only to this small interface, so the same loop serves both."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import torch
+
+from . import checkpoint
+
+
+class Session:
+    rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, run_url: str, keep: int):
+        self.run_url, self.keep = run_url, keep
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        """Yields a local folder of the latest complete checkpoint, or None."""
+        url = checkpoint.latest_in_run(self.run_url)
+        if url is None:
+            yield None
+            return
+        local = checkpoint.fetch(url)
+        try:
+            yield local
+        finally:
+            checkpoint.remove_local(local)
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu and torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+class LocalSession(Session):
+    """In-process, one worker: checkpoints are stored in the run folder by aae-dist."""
+
+    def report(self, metrics, checkpoint_dir):
+        if checkpoint_dir:
+            checkpoint.persist(checkpoint_dir, self.run_url, int(metrics["step"]), self.keep)
+
+
+class RaySession(Session):
+    def __init__(self, run_url: str, keep: int):
+        super().__init__(run_url, keep)
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+
+    def report(self, metrics, checkpoint_dir):
+        ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:  # e.g. --resume of a run that began in-process
+            with super().latest_checkpoint() as local:
+                yield local
+            return
+        with ckpt.as_directory() as local:
+            yield local
+
+
+def scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="aae-")
+
+
