@@ -139,7 +139,7 @@ def _set_path(doc: dict, dotted: str, value, origin: str) -> None:
 
 def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- YAML file <- `--set KEY=VALUE` (values parsed as YAML scalars)."""
-    doc: dict = dict(base or {})
+    doc: dict = _merge(Config().to_dict(), base or {})  # sections keep their defaults when one key is set
     if path:
         try:
             with open(path, encoding="utf-8") as fh:

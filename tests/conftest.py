@@ -93,3 +93,25 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+SMALL_MODEL = ["model.hidden=[64,64]", "model.disc_hidden=[64,64]", "data.batch_size=50", "train.sync_every=5"]
+
+
+@pytest.fixture(scope="session")
+def digits_url(tmp_path_factory):
+    """The embedded real digits, sharded once per test session."""
+    from aae_dist.data.sources import load_digits
+    from aae_dist.data.writer import write_dataset
+
+    url = str(tmp_path_factory.mktemp("digits") / "ds")
+    src = load_digits()
+    write_dataset(url, src.splits, num_classes=10, source=src.name, shard_size=1000, progress=False)
+    return url
+
+
+def read_summary(run_dir) -> dict:
+    import json
+
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        return json.load(fh)

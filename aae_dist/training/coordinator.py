@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from .distributed import distributed
 from .phases import Phase
 
 
@@ -77,7 +78,7 @@ class Coordinator:
     def sync(self) -> dict[str, float]:
         t0 = time.perf_counter()
         buf = self.buffer
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             dist.all_reduce(buf)
         values = buf.tolist()
         self.sync_seconds += time.perf_counter() - t0

@@ -45,7 +45,11 @@ class Session:
 
 
 class LocalSession(Session):
-    """In-process, one worker: checkpoints are stored in the run folder by aae-dist."""
+    """Without Ray (in-process, or processes started by the caller): aae-dist stores checkpoints itself."""
+
+    def __init__(self, run_url: str, keep: int, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        super().__init__(run_url, keep)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
 
     def report(self, metrics, checkpoint_dir):
         if checkpoint_dir:

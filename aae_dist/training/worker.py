@@ -10,7 +10,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import storage
@@ -20,13 +19,10 @@ from ..errors import UserError
 from ..models import build_networks, build_prior
 from . import checkpoint
 from .coordinator import Coordinator
+from .distributed import distributed, wrap
 from .metrics import TensorBoardLogger, flatten_config, image_grid, scatter_image
 from .phases import StepContext, build_phases, make_optimizer, reconstruction_error
 from .session import LocalSession, RaySession, Session, scratch_dir
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Trainer:
@@ -52,8 +48,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.plain = {n: m.to(self.device) for n, m in build_networks(cfg.model, shape).items()}
         if distributed():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = {n: DDP(m, device_ids=ids, broadcast_buffers=False) for n, m in self.plain.items()}
+            self.wrapped = {n: wrap(m, self.device) for n, m in self.plain.items()}
         else:
             self.wrapped = dict(self.plain)
         self.prior = build_prior(cfg.prior, cfg.model.latent_dim)

@@ -1,0 +1,25 @@
+"""DDP without ceremony: one wrapper per network, buffers not re-broadcast on every forward."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+_DDP_ARGS = inspect.signature(DDP.__init__).parameters
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Each network gets its own DDP so a phase all-reduces exactly the networks it trains.
+
+    Buffers are not synced on each forward: two forwards before one backward (as the
+    adversarial phases do) would otherwise fail on CUDA with an in-place error."""
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, gradient_as_bucket_view=True, **kw)

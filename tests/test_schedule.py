@@ -1,0 +1,99 @@
+"""The coordinator's schedule and its reduced decisions."""
+
+from __future__ import annotations
+
+import torch
+
+from aae_dist.config import load_config
+from aae_dist.training.coordinator import Coordinator
+from aae_dist.training.phases import build_phases
+
+
+def coordinator(*sets, steps_per_epoch=10):
+    cfg = load_config(None, list(sets))
+    phases = build_phases(cfg)
+    return Coordinator(cfg, phases, steps_per_epoch, torch.device("cpu")), phases
+
+
+def names(coord):
+    return [p.name for p in coord.phases_now()]
+
+
+def test_default_step_runs_three_phases_in_order():
+    c, _ = coordinator()
+    assert names(c) == ["reconstruction", "discriminator", "generator"]
+
+
+def test_warmup_then_adversarial():
+    c, _ = coordinator("train.warmup_steps=3")
+    seen = []
+    for _ in range(5):
+        seen.append(names(c))
+        c.end_step()
+    assert seen[:3] == [["reconstruction"]] * 3
+    assert seen[3] == ["reconstruction", "discriminator", "generator"]
+
+
+def test_phase_intervals_and_repeat():
+    c, phases = coordinator("phases.generator.every=2", "phases.discriminator.repeat=3")
+    runs = []
+    for _ in range(4):
+        runs.append(names(c))
+        c.end_step()
+    assert [("generator" in r) for r in runs] == [True, False, True, False]
+    assert phases[1].repeat == 3
+
+
+def test_epochs_and_max_steps():
+    c, _ = coordinator("train.epochs=3", steps_per_epoch=7)
+    assert c.total_steps() == 21
+    c2, _ = coordinator("train.epochs=3", "train.max_steps=5", steps_per_epoch=7)
+    assert c2.total_steps() == 5
+    for _ in range(8):
+        c.end_step()
+    assert (c.epoch, c.batch_in_epoch) == (1, 1)
+
+
+def feed(c, phases, acc, steps):
+    d = phases[1]
+    for _ in range(steps):
+        if d in c.phases_now():
+            c.record(d, {"loss": torch.tensor(0.1), "acc_prior": torch.tensor(acc), "acc_codes": torch.tensor(acc)})
+        c.record(phases[0], {"loss": torch.tensor(0.5)})
+        c.end_step()
+
+
+def test_discriminator_skipped_while_too_accurate_and_resumes():
+    c, phases = coordinator("phases.discriminator.skip_above_accuracy=0.9", "train.sync_every=5")
+    feed(c, phases, 0.95, 4)
+    assert "discriminator" in names(c)  # no decision before the sync step
+    feed(c, phases, 0.95, 1)
+    assert "discriminator" not in names(c)
+    feed(c, phases, 0.95, 5)  # an interval without D statistics: D runs again to be measured
+    assert "discriminator" in names(c)
+    feed(c, phases, 0.6, 5)
+    assert "discriminator" in names(c)
+
+
+def test_target_metric_stops_everyone():
+    c, phases = coordinator("train.target_recon_loss=0.6", "train.sync_every=2")
+    feed(c, phases, 0.5, 2)
+    assert c.done() and "target_recon_loss" in c.stop_reason
+
+
+def test_nonfinite_is_counted_at_sync():
+    c, phases = coordinator("train.sync_every=2")
+    c.flag_nonfinite(phases[2], torch.tensor(float("nan")))
+    c.end_step()
+    assert c.nonfinite_steps == 0
+    c.end_step()
+    assert c.nonfinite_steps == 1 and c.nonfinite_phase == "generator"
+
+
+def test_state_round_trip():
+    c, phases = coordinator("phases.discriminator.skip_above_accuracy=0.9", "train.sync_every=3")
+    feed(c, phases, 0.99, 4)
+    d, _ = coordinator("phases.discriminator.skip_above_accuracy=0.9", "train.sync_every=3")
+    d.load_state_dict(c.state_dict())
+    assert d.step == 4 and d.skip == c.skip and torch.equal(d.buffer, c.buffer)
+    assert names(d) == names(c)

@@ -1,0 +1,110 @@
+"""In-process training runs end to end: summary.json, checkpoints, TensorBoard, resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from aae_dist.cli import main
+from conftest import SMALL_MODEL, read_summary
+
+
+def train(tmp_path, data, *extra, name="r"):
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", name, "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + list(extra):
+        argv += ["--set", s]
+    return main(argv)
+
+
+def test_one_worker_run_to_completion_with_tensorboard(tmp_path, digits_url):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train(tmp_path, digits_url, "train.epochs=2", "train.checkpoint_every=40", "train.image_every=40") == 0
+    run = tmp_path / "runs" / "r"
+    s = read_summary(run)
+    assert s["steps"] == 2 * (4500 // 50) and s["epochs"] == 2.0
+    assert s["samples_per_s"] > 0 and s["wall_s"] >= s["train_s"] > 0
+    assert 0 < s["metrics"]["recon_loss"] < 0.3  # BCE per pixel; an untrained decoder gives ~0.69
+    assert s["config"]["data"]["path"] == digits_url and s["config"]["train"]["epochs"] == 2
+    ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
+    assert ckpts == ["checkpoint_step_000000120", "checkpoint_step_000000160", "checkpoint_step_000000180"]
+    assert (run / "config.json").exists()
+
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ["loss/reconstruction", "loss/discriminator", "loss/generator", "discriminator/acc_prior", "discriminator/acc_codes",
+                "lr/reconstruction", "lr/discriminator", "lr/generator", "perf/samples_per_s", "time/generator_ms_per_step",
+                "final/recon_loss"]:
+        assert tag in tags["scalars"], tag
+    for tag in ["images/inputs_and_reconstructions", "images/prior_samples", "codes/scatter"]:
+        assert tag in tags["images"], tag
+    assert "codes/z" in tags["histograms"]
+    recon = [e.value for e in ea.Scalars("loss/reconstruction")]
+    assert recon[-1] < recon[0]  # it learns
+    assert [e.step for e in ea.Scalars("loss/reconstruction")][-1] == 180
+    assert ea.Scalars("final/recon_loss")[-1].value == pytest.approx(s["metrics"]["recon_loss"], rel=1e-6)
+    assert all(0 <= e.value <= 1 for e in ea.Scalars("discriminator/acc_prior"))
+    assert ea.Scalars("lr/generator")[0].value == pytest.approx(2e-4)
+    img = ea.Images("images/inputs_and_reconstructions")[-1]
+    assert (img.width, img.height) == (16 * 29 - 1, 4 * 29 - 1)  # 32 pairs, 16 per row, 28 px + gaps
+
+
+def test_resume_continues_exactly(tmp_path, make_dataset):
+    data, _, _ = make_dataset(1000, 128)
+    # 20 steps per epoch: the split at step 15 is mid-epoch
+    common = ["train.checkpoint_every=5", "train.sync_every=5", "phases.discriminator.skip_above_accuracy=0.8", "model.posterior=gaussian"]
+    assert train(tmp_path, data, "train.max_steps=40", *common, name="whole") == 0
+    whole = read_summary(tmp_path / "runs" / "whole")
+    assert train(tmp_path, data, "train.max_steps=15", *common, name="split") == 0
+    assert train(tmp_path, data, "train.max_steps=15", *common, name="split") == 2  # exists, no --resume
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "split", "--resume", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + ["train.max_steps=40"] + common:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    split = read_summary(tmp_path / "runs" / "split")
+    assert split["resumed_from_step"] == 15 and split["steps"] == 40
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]  # same parameters, bit for bit
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, make_dataset, monkeypatch):
+    from aae_dist.training import worker
+
+    data, _, _ = make_dataset(1000, 128)
+    common = ["train.checkpoint_every=7", "train.max_steps=30"]
+    assert train(tmp_path, data, *common, name="whole") == 0
+    real = worker.Trainer.train_step
+
+    def dying(self, x, y):
+        if self.coord.step == 25:
+            raise KeyboardInterrupt  # killed mid-run between checkpoints
+        return real(self, x, y)
+
+    monkeypatch.setattr(worker.Trainer, "train_step", dying)
+    assert train(tmp_path, data, *common, name="cut") == 130
+    monkeypatch.setattr(worker.Trainer, "train_step", real)
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "cut", "--resume", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + common:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    cut, whole = read_summary(tmp_path / "runs" / "cut"), read_summary(tmp_path / "runs" / "whole")
+    assert cut["resumed_from_step"] == 21
+    assert cut["replica_fingerprints"] == whole["replica_fingerprints"]
+
+
+def test_resume_of_missing_run(tmp_path, capsys):
+    assert main(["train", "--workers", "0", "--storage", str(tmp_path), "--name", "ghost", "--resume"]) == 2
+    assert "no run named 'ghost'" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_architecture_is_refused(tmp_path, make_dataset, capsys):
+    data, _, _ = make_dataset(500, 128)
+    assert train(tmp_path, data, "train.max_steps=5", name="a") == 0
+    capsys.readouterr()
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "a", "--resume", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + ["model.latent_dim=4", "train.max_steps=10"]:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different architecture" in err and "model.latent_dim: checkpoint 8, config 4" in err
