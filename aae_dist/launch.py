@@ -127,7 +127,8 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     from .training.worker import train_worker
 
     if not ray.is_initialized():
-        ray.init(address=cfg.run.address, log_to_driver=True, include_dashboard=False) if cfg.run.address else ray.init(include_dashboard=False)
+        # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
+        ray.init(address=cfg.run.address or "local", include_dashboard=False)
     workers = (lo, hi) if lo != hi else hi
     trainer = TorchTrainer(
         train_worker,

@@ -18,6 +18,7 @@ from ..data import ShardStream, read_manifest
 from ..errors import UserError
 from ..models import build_networks, build_prior
 from . import checkpoint
+from .comm import CommStats
 from .coordinator import Coordinator
 from .distributed import distributed, wrap
 from .metrics import TensorBoardLogger, flatten_config, image_grid, scatter_image
@@ -47,8 +48,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.plain = {n: m.to(self.device) for n, m in build_networks(cfg.model, shape).items()}
+        self.comm = CommStats()
         if distributed():
             self.wrapped = {n: wrap(m, self.device) for n, m in self.plain.items()}
+            for n, m in self.wrapped.items():
+                self.comm.attach(n, m)
         else:
             self.wrapped = dict(self.plain)
         self.prior = build_prior(cfg.prior, cfg.model.latent_dim)
@@ -77,6 +81,7 @@ class Trainer:
         self.seed_step()
         for ph in self.coord.phases_now():
             t0 = time.perf_counter()
+            self.comm.phase = ph.name
             for _ in range(ph.repeat):
                 ph.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -94,7 +99,8 @@ class Trainer:
         cfg, coord = self.cfg, self.coord
         total = coord.total_steps()
         bar = tqdm(total=total, initial=coord.step, desc="train", unit="step", disable=self.rank != 0, dynamic_ncols=True)
-        start_step, t_first = coord.step, None
+        self.start_step, t_first = coord.step, None
+        start_step = self.start_step
         while not coord.done():
             epoch, skip = coord.epoch, coord.batch_in_epoch
             for x, y in self.train_data.iter_epoch(epoch, skip=skip):
@@ -261,6 +267,7 @@ class Trainer:
                 "sync_ms_mean": 1000 * coord.sync_seconds / max(1, coord.syncs),
                 "fraction_of_train_time": coord.sync_seconds / train_s if train_s else 0.0,
             },
+            "communication_per_step": self.comm.per_step(coord.step - self.start_step),
             "replica_fingerprints": prints,
             "replicas_in_sync": len(set(prints)) == 1,
             "config": self.cfg.to_dict(),

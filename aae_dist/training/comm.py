@@ -1,0 +1,35 @@
+"""Count what each phase all-reduces: a DDP communication hook per network, tagged with the running phase."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+
+class CommStats:
+    def __init__(self):
+        self.phase = "-"
+        self.calls: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.networks: dict[str, set] = defaultdict(set)
+
+    def attach(self, name: str, ddp_module) -> None:
+        ddp_module.register_comm_hook(state=(self, name), hook=_counting_allreduce)
+
+    def per_step(self, steps: int) -> dict:
+        steps = max(1, steps)
+        return {
+            p: {"allreduce_calls": self.calls[p] / steps, "bytes": self.bytes[p] / steps, "networks": sorted(self.networks[p])}
+            for p in self.calls
+        }
+
+
+def _counting_allreduce(state, bucket):
+    stats, name = state
+    buf = bucket.buffer()
+    stats.calls[stats.phase] += 1
+    stats.bytes[stats.phase] += buf.numel() * buf.element_size()
+    stats.networks[stats.phase].add(name)
+    return default_hooks.allreduce_hook(dist.group.WORLD, bucket)

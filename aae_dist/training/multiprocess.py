@@ -1,0 +1,37 @@
+"""Run N workers as plain local processes (gloo) without Ray: for tests and benchmarks that
+need real DDP but not Ray's start-up cost.  Users go through Ray (`aae-dist train --workers N`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..config import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_url: str, threads: int) -> None:
+    from .session import LocalSession
+    from .worker import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = Config.model_validate(cfg_dict)
+        Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world)).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_processes(cfg: Config, run_url: str, world: int, threads: int = 1) -> None:
+    mp.start_processes(_worker, args=(world, _free_port(), cfg.to_dict(), run_url, threads), nprocs=world, start_method="spawn")
