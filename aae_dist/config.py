@@ -96,6 +96,7 @@ class TrainConfig(Section):
     threads: Optional[int] = Field(None, gt=0)  # torch threads per worker
     image_every: int = Field(500, gt=0)
     nan_policy: Literal["skip", "stop"] = "stop"
+    progress: bool = True  # progress bar on rank 0
 
 
 class RunSection(Section):

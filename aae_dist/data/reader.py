@@ -123,7 +123,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         emitted = 0
         total = len(self)
         keep = self.shuffle_buffer if self.shuffle else 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        # several workers: remote shards download in parallel while the current one is consumed
+        with ThreadPoolExecutor(max_workers=max(1, self.prefetch), thread_name_prefix="shard-prefetch") as pool:
             futures = [pool.submit(self.read_segment, s) for s in segs[: self.prefetch + 1]]
             for i in range(len(segs)):
                 x, y = futures[i].result()
@@ -131,23 +132,23 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if nxt < len(segs):
                     futures.append(pool.submit(self.read_segment, segs[nxt]))
                 futures[i] = None
-                pool_x = np.concatenate([pool_x, x]) if len(pool_x) else x
-                pool_y = np.concatenate([pool_y, y]) if len(pool_y) else y
+                if len(pool_x):
+                    x, y = np.concatenate([pool_x, x]), np.concatenate([pool_y, y])
                 last = i == len(segs) - 1
-                if self.shuffle:
-                    perm = rng.permutation(len(pool_x))
-                    pool_x, pool_y = pool_x[perm], pool_y[perm]
-                n_out = len(pool_x) if last else max(0, len(pool_x) - keep) // B * B
+                n_out = len(x) if last else max(0, len(x) - keep) // B * B
+                # shuffle by index: each emitted sample is copied once, into its batch
+                order = rng.permutation(len(x)) if self.shuffle else np.arange(len(x))
                 for s in range(0, n_out, B):
                     if emitted >= total:
                         break
-                    bx, by = pool_x[s : s + B], pool_y[s : s + B]
-                    if len(bx) < B and self.drop_last:
+                    idx = order[s : s + B]
+                    if len(idx) < B and self.drop_last:
                         break
                     if emitted >= skip:
-                        yield _tensor(bx), _tensor(by)
+                        yield _tensor(x[idx] if self.shuffle else x[s : s + B]), _tensor(y[idx] if self.shuffle else y[s : s + B])
                     emitted += 1
-                pool_x, pool_y = pool_x[n_out:], pool_y[n_out:]
+                rest = order[n_out:]
+                pool_x, pool_y = (x[rest], y[rest]) if self.shuffle else (x[n_out:], y[n_out:])
 
     # ---- reading ----------------------------------------------------------------------------
     def read_segment(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:

@@ -98,7 +98,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, coord = self.cfg, self.coord
         total = coord.total_steps()
-        bar = tqdm(total=total, initial=coord.step, desc="train", unit="step", disable=self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=coord.step, desc="train", unit="step", disable=self.rank != 0 or not cfg.train.progress, dynamic_ncols=True)
         self.start_step, t_first = coord.step, None
         start_step = self.start_step
         while not coord.done():

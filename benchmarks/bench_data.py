@@ -1,0 +1,104 @@
+"""Data path: samples/s the streaming reader delivers from local disk and from an S3 server (moto on
+127.0.0.1), against plain numpy reading the same bytes from local disk, and against the training
+step's own rate (the reader must never be the bottleneck).
+
+    python benchmarks/bench_data.py [--samples 60000] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, mnist_like  # noqa: E402
+
+from aae_dist.data import ShardStream  # noqa: E402
+from aae_dist.data.writer import write_dataset  # noqa: E402
+
+
+def rate_reader(url: str, batch: int, epochs: int = 2, **kw) -> float:
+    s = ShardStream(url, "train", batch, seed=0, **kw)
+    n, t0 = 0, time.perf_counter()
+    for e in range(epochs):
+        for x, _ in s.iter_epoch(e):
+            n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def rate_numpy(folder: str, batch: int, epochs: int = 2) -> float:
+    files = sorted(f for f in os.listdir(folder) if f.startswith("train-") and f.endswith(".x.npy"))
+    n, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for f in files:
+            arr = np.load(os.path.join(folder, f), allow_pickle=False)
+            for i in range(0, len(arr) - batch + 1, batch):
+                n += len(torch.from_numpy(arr[i : i + batch]))
+    return n / (time.perf_counter() - t0)
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="bench")
+    return proc, "s3://bench/mnist-like"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=60_000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--shard-size", type=int, default=10_000)
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    x, y = mnist_like(args.samples)
+    local = os.path.join(tempfile.mkdtemp(prefix="aae-bench-data-"), "ds")
+    write_dataset(local, {"train": (x, y)}, num_classes=10, source="synthetic", shard_size=args.shard_size, progress=False)
+    base = rate_numpy(local, args.batch)
+    loc = rate_reader(local, args.batch)
+    loc_noshuffle = rate_reader(local, args.batch, shuffle=False)
+    proc, s3url = start_moto()
+    try:
+        write_dataset(s3url, {"train": (x, y)}, num_classes=10, source="synthetic", shard_size=args.shard_size, progress=False)
+        s3 = rate_reader(s3url, args.batch)
+        cache = tempfile.mkdtemp(prefix="aae-bench-cache-")
+        s3_cached = rate_reader(s3url, args.batch, epochs=3, cache_dir=cache)
+        s3_half = rate_reader(s3url, args.batch, world_size=2, rank=1)  # one rank of two: ranged reads
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    sys.argv = sys.argv[:1]
+    from bench_throughput import naive_loop
+
+    step = naive_loop(torch.from_numpy(x[:10_000]), args.batch, 20)
+    print(f"[data] {args.samples} samples of 1x28x28 uint8, {args.samples // args.shard_size} shards, batch {args.batch}")
+    print(f"[data] plain numpy from local disk (baseline): {base:,.0f} samples/s")
+    print(f"[data] reader, local, shuffled: {loc:,.0f} samples/s ({loc / base:.2f}x numpy); unshuffled {loc_noshuffle:,.0f} ({loc_noshuffle / base:.2f}x)")
+    print(f"[data] reader, S3 (moto), shuffled: {s3:,.0f} samples/s ({s3 / loc:.2f}x local reader); with local cache over 3 epochs {s3_cached:,.0f} ({s3_cached / loc:.2f}x)")
+    print(f"[data] reader, S3, rank 1 of 2 (byte ranges): {s3_half:,.0f} samples/s")
+    print(f"[data] training step (paper MLP, batch {args.batch}): {step:,.0f} samples/s -> reader headroom local {loc / step:.0f}x, S3 {s3 / step:.0f}x (goal >= 20x)")
+
+
+if __name__ == "__main__":
+    main()
