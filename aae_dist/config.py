@@ -100,11 +100,12 @@ class TrainConfig(Section):
 
 
 class RunSection(Section):
-    name: str = "aae"
+    name: str = ""  # empty: aae-YYYYmmdd-HHMMSS
     storage: str = "runs"
     workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray
     gpu: bool = False
     address: Optional[str] = None
+    cpus_per_worker: Optional[int] = Field(None, gt=0)  # default: local Ray shares this machine's cores; a cluster gives 1
 
 
 class Config(Section):

@@ -46,6 +46,8 @@ def resolve(args) -> Config:
             setattr(run, key, str(value))
     if getattr(args, "gpu", False):
         run.gpu = True
+    if not run.name:
+        run.name = time.strftime("aae-%Y%m%d-%H%M%S")
     return cfg
 
 
@@ -130,10 +132,12 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
         # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
         ray.init(address=cfg.run.address or "local", include_dashboard=False)
     workers = (lo, hi) if lo != hi else hi
+    cpus = cfg.run.cpus_per_worker or (max(1, (os.cpu_count() or 1) // hi) if not cfg.run.address else 1)
+    cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.run.gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.run.gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -108,3 +108,24 @@ def test_checkpoint_from_other_architecture_is_refused(tmp_path, make_dataset, c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "different architecture" in err and "model.latent_dim: checkpoint 8, config 4" in err
+
+
+def test_phase_weight_zero_freezes_what_only_that_phase_trains(tmp_path, make_dataset):
+    """phases.*.weight scales a phase's loss: weight 0 on the discriminator leaves D at its initial weights."""
+    import torch
+
+    from aae_dist.config import load_config
+    from aae_dist.training.session import LocalSession
+    from aae_dist.training.worker import Trainer
+
+    data, _, _ = make_dataset(500, 100)
+    cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "train.max_steps=3", "phases.discriminator.weight=0", "train.progress=false"])
+    t = Trainer(cfg, LocalSession(str(tmp_path / "w"), 1))
+    before = [p.detach().clone() for p in t.plain["discriminator"].parameters()]
+    enc_before = [p.detach().clone() for p in t.plain["encoder"].parameters()]
+    for x, y in t.train_data.iter_epoch(0):
+        t.train_step(t.to_device(x), y)
+        if t.coord.step == 3:
+            break
+    assert all(torch.equal(a, b) for a, b in zip(before, t.plain["discriminator"].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(enc_before, t.plain["encoder"].parameters()))

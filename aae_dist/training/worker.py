@@ -30,8 +30,9 @@ class Trainer:
     def __init__(self, cfg: Config, session: Session):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world_size
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads = cfg.train.threads or cfg.run.cpus_per_worker
+        if threads:
+            torch.set_num_threads(threads)
         self.device = session.device(cfg.run.gpu)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         d = cfg.data
@@ -86,7 +87,7 @@ class Trainer:
                 ph.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss, stats = ph.loss(self.ctx, x, y)
-                loss.backward()
+                (loss * ph.cfg.weight if ph.cfg.weight != 1.0 else loss).backward()
                 ph.optimizer.step()
                 self.coord.record(ph, stats)
                 self.coord.flag_nonfinite(ph, loss)
