@@ -28,7 +28,15 @@ class DataConfig(Section):
     eval_split: str = "test"
 
 
+VARIANTS = ("basic", "label_regularized", "supervised", "semi_supervised", "clustering", "dim_reduction")
+
+
 class ModelConfig(Section):
+    variant: Literal[VARIANTS] = "basic"  # the paper's AAE variants (Sec. 2-7)
+    regularizer: Literal["adversarial", "kl"] = "adversarial"  # kl: the VAE baseline (gaussian posterior)
+    num_classes: Optional[int] = Field(None, gt=1)  # K of the categorical y; default: the dataset's classes
+    cluster_head_distance: float = Field(2.0, ge=0)  # dim_reduction: cluster heads closer than this are pushed apart
+    cluster_head_weight: float = Field(1.0, ge=0)
     kind: Literal["mlp", "conv"] = "mlp"
     hidden: list[int] = [1000, 1000]
     disc_hidden: list[int] = [1000, 1000]
@@ -79,7 +87,9 @@ class DiscriminatorPhaseConfig(PhaseConfig):
 class PhasesConfig(Section):
     reconstruction: PhaseConfig = PhaseConfig(lr=1e-3, beta1=0.9)
     discriminator: DiscriminatorPhaseConfig = DiscriminatorPhaseConfig(lr=2e-4)
+    discriminator_cat: DiscriminatorPhaseConfig = DiscriminatorPhaseConfig(lr=2e-4)  # D on the categorical y
     generator: PhaseConfig = PhaseConfig(lr=2e-4)
+    classification: PhaseConfig = PhaseConfig(lr=1e-3, beta1=0.9)  # semi-supervised: y on labelled samples
 
 
 class TrainConfig(Section):
@@ -97,6 +107,7 @@ class TrainConfig(Section):
     image_every: int = Field(500, gt=0)
     nan_policy: Literal["skip", "stop"] = "stop"
     progress: bool = True  # progress bar on rank 0
+    parzen_samples: int = Field(10_000, ge=0)  # decoded prior samples for parzen_ll at the end (0: skip)
 
 
 class RunSection(Section):

@@ -72,10 +72,14 @@ def preflight(cfg: Config) -> None:
             f"{storage.redact(cfg.data.path)} has {train.count}: lower data.batch_size or --workers"
         )
     if cfg.data.labeled_per_class and not m.labels:
-        raise UserError(f"data.labeled_per_class needs labels, but {storage.redact(cfg.data.path)} has none")
+        raise UserError(f"data.labeled_per_class needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
+    if cfg.model.variant in ("supervised", "label_regularized", "semi_supervised") and not m.labels:
+        raise UserError(f"model.variant={cfg.model.variant} needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
+    if cfg.model.variant == "label_regularized" and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != (cfg.model.num_classes or m.num_classes):
+        raise UserError(f"model.variant=label_regularized: prior.components={cfg.prior.components} must equal the {cfg.model.num_classes or m.num_classes} classes")
     from .models.networks import build_networks
 
-    build_networks(cfg.model, tuple(m.shape))
+    build_networks(cfg.model, tuple(m.shape), cfg.model.num_classes or m.num_classes)
 
 
 def run_exists(run_url: str) -> bool:

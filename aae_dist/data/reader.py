@@ -203,6 +203,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             os.replace(tmp, cached)
         return data
 
+    def labelled_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """All samples whose label is kept (the whole split is scanned; the same on every rank)."""
+        xs, ys = [], []
+        for shard in self.split.shards:
+            x, y = self.read_segment(Segment(shard, 0, shard.count))
+            keep = y >= 0
+            xs.append(x[keep])
+            ys.append(y[keep])
+        return np.concatenate(xs), np.concatenate(ys)
+
     # ---- semi-supervised label hiding -------------------------------------------------------
     def _choose_labeled(self, per_class: int) -> dict[str, np.ndarray]:
         """Keep `per_class` labels per class, chosen with the run seed (the same on every rank)."""

@@ -17,9 +17,21 @@ from ..errors import UserError
 
 @dataclass
 class Codes:
-    z: torch.Tensor
+    z: torch.Tensor  # style / code
     mu: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
+    y_logits: torch.Tensor | None = None  # categorical head (semi-supervised, clustering, dim. reduction)
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return None if self.y_logits is None else torch.softmax(self.y_logits.float(), 1).to(self.y_logits.dtype)
+
+
+CATEGORICAL_VARIANTS = ("semi_supervised", "clustering", "dim_reduction")
+
+
+def has_categorical(cfg: ModelConfig) -> bool:
+    return cfg.variant in CATEGORICAL_VARIANTS
 
 
 def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
@@ -49,9 +61,10 @@ class ConvTrunk(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]):
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0):
         super().__init__()
         self.posterior = cfg.posterior
+        self.num_y = num_classes if has_categorical(cfg) else 0
         self.latent_dim = cfg.latent_dim
         self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
         if cfg.kind == "conv":
@@ -61,26 +74,36 @@ class Encoder(nn.Module):
             self.trunk = nn.Flatten()
             feat = int(math.prod(shape))
         self.body = mlp([feat + self.noise_dim] + list(cfg.hidden), final_activation=True)
-        self.head = nn.Linear(cfg.hidden[-1], cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1))
+        # one head for y, z (and log-variance): every phase that uses the encoder uses all its parameters
+        self.head = nn.Linear(cfg.hidden[-1], self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
         h = self.trunk(x)
         if self.noise_dim:
             h = torch.cat([h, torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype, generator=generator)], 1)
         out = self.head(self.body(h))
+        y_logits, out = (out[:, : self.num_y], out[:, self.num_y :]) if self.num_y else (None, out)
         if self.posterior != "gaussian":
-            return Codes(z=out)
+            return Codes(z=out, y_logits=y_logits)
         mu, logvar = out.chunk(2, dim=1)
         eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        return Codes(z=mu + torch.exp(0.5 * logvar) * eps, mu=mu, logvar=logvar)
+        return Codes(z=mu + torch.exp(0.5 * logvar) * eps, mu=mu, logvar=logvar, y_logits=y_logits)
 
 
 class Decoder(nn.Module):
-    """Returns logits (bernoulli output) or means (gaussian output) shaped like the data."""
+    """p(x | z[, y]): logits (bernoulli output) or means (gaussian output) shaped like the data.
 
-    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...]):
+    supervised: z is concatenated with the one-hot label; semi-supervised/clustering: with the
+    softmax y; dim_reduction: the decoder reads y @ cluster_heads + z (the heads live here so
+    the reconstruction phase, which trains them, uses every decoder parameter)."""
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0):
         super().__init__()
         self.shape = tuple(shape)
+        self.variant = cfg.variant
+        self.cluster_heads = nn.Parameter(torch.randn(num_classes, cfg.latent_dim) * 1.0) if cfg.variant == "dim_reduction" else None
+        extra = num_classes if cfg.variant in ("supervised", "semi_supervised", "clustering") else 0
+        in_dim = cfg.latent_dim + extra
         if cfg.kind == "conv":
             f = 2 ** len(cfg.conv_channels)
             self.base = (cfg.conv_channels[-1], shape[1] // f, shape[2] // f)
@@ -89,13 +112,21 @@ class Decoder(nn.Module):
             for a, b in zip(widths, widths[1:] + [shape[0]]):
                 layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU(inplace=True)]
             self.up = nn.Sequential(*layers[:-1])
-            self.body = mlp([cfg.latent_dim] + list(cfg.hidden) + [int(math.prod(self.base))], final_activation=True)
+            self.body = mlp([in_dim] + list(cfg.hidden) + [int(math.prod(self.base))], final_activation=True)
         else:
             self.up = None
-            self.body = mlp([cfg.latent_dim] + list(cfg.hidden) + [int(math.prod(shape))])
+            self.body = mlp([in_dim] + list(cfg.hidden) + [int(math.prod(shape))])
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.body(z)
+    def represent(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """What the decoder reads: the code, joined with y as the variant wants."""
+        if self.cluster_heads is not None:
+            return y @ self.cluster_heads + z
+        if y is not None and self.variant in ("supervised", "semi_supervised", "clustering"):
+            return torch.cat([z, y.to(z.dtype)], 1)
+        return z
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.body(self.represent(z, y))
         if self.up is None:
             return h.view(-1, *self.shape)
         return self.up(h.view(-1, *self.base))
@@ -110,15 +141,25 @@ class Discriminator(nn.Module):
         return self.net(z).squeeze(1)
 
 
-def build_networks(cfg: ModelConfig, shape: tuple[int, ...]) -> dict[str, nn.Module]:
+def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0) -> dict[str, nn.Module]:
     if cfg.kind == "conv":
         if len(shape) != 3:
             raise UserError(f"model.kind=conv needs image samples (C, H, W), the dataset has shape {tuple(shape)}: use model.kind=mlp")
         f = 2 ** len(cfg.conv_channels)
         if shape[1] % f or shape[2] % f:
             raise UserError(f"model.kind=conv with {len(cfg.conv_channels)} layers needs H and W divisible by {f}, data is {shape[1]}x{shape[2]}: change model.conv_channels")
-    return {
-        "encoder": Encoder(cfg, shape),
-        "decoder": Decoder(cfg, shape),
-        "discriminator": Discriminator(cfg, cfg.latent_dim),
+    needs_k = has_categorical(cfg) or cfg.variant in ("supervised", "label_regularized")
+    if needs_k and num_classes < 2:
+        raise UserError(f"model.variant={cfg.variant} needs classes: set model.num_classes or use a labelled dataset")
+    nets = {
+        "encoder": Encoder(cfg, shape, num_classes),
+        "decoder": Decoder(cfg, shape, num_classes),
     }
+    if cfg.regularizer == "adversarial":
+        # label-regularised: D also sees the one-hot label plus an 'unlabelled' class
+        nets["discriminator"] = Discriminator(cfg, cfg.latent_dim + (num_classes + 1 if cfg.variant == "label_regularized" else 0))
+        if has_categorical(cfg):
+            nets["discriminator_cat"] = Discriminator(cfg, num_classes)
+    elif cfg.posterior != "gaussian":
+        raise UserError("model.regularizer=kl (the VAE baseline) needs model.posterior=gaussian")
+    return nets

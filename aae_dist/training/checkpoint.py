@@ -24,7 +24,8 @@ PREFIX = "checkpoint_"
 def architecture(cfg_dict: dict) -> dict:
     """The settings a checkpoint's weights depend on."""
     m = cfg_dict["model"]
-    return {k: m[k] for k in ("kind", "hidden", "disc_hidden", "latent_dim", "posterior", "noise_dim", "conv_channels")}
+    keys = ("variant", "regularizer", "num_classes", "kind", "hidden", "disc_hidden", "latent_dim", "posterior", "noise_dim", "conv_channels")
+    return {k: m[k] for k in keys}
 
 
 def write_local(folder: str, state: dict, meta: dict) -> None:

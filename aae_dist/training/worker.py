@@ -16,13 +16,15 @@ from .. import storage
 from ..config import Config
 from ..data import ShardStream, read_manifest
 from ..errors import UserError
+from ..evaluation import Evaluator
 from ..models import build_networks, build_prior
+from ..models.latents import sample_latents
 from . import checkpoint
 from .comm import CommStats
 from .coordinator import Coordinator
 from .distributed import distributed, wrap
 from .metrics import TensorBoardLogger, flatten_config, image_grid, scatter_image
-from .phases import StepContext, build_phases, make_optimizer, reconstruction_error
+from .phases import StepContext, build_phases, make_optimizer
 from .session import LocalSession, RaySession, Session, scratch_dir
 
 
@@ -45,10 +47,11 @@ class Trainer:
         self.eval_split = d.eval_split if d.eval_split in self.manifest.splits else "train"
         shape = tuple(self.manifest.shape)
         self.scale = 255.0 if self.manifest.dtype == "uint8" else 1.0
-        output = cfg.model.output if cfg.model.output != "auto" else ("bernoulli" if self.manifest.dtype == "uint8" else "gaussian")
+        self.output = cfg.model.output if cfg.model.output != "auto" else ("bernoulli" if self.manifest.dtype == "uint8" else "gaussian")
+        self.num_classes = cfg.model.num_classes or self.manifest.num_classes
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
-        self.plain = {n: m.to(self.device) for n, m in build_networks(cfg.model, shape).items()}
+        self.plain = {n: m.to(self.device) for n, m in build_networks(cfg.model, shape, self.num_classes).items()}
         self.comm = CommStats()
         if distributed():
             self.wrapped = {n: wrap(m, self.device) for n, m in self.plain.items()}
@@ -58,8 +61,9 @@ class Trainer:
             self.wrapped = dict(self.plain)
         self.prior = build_prior(cfg.prior, cfg.model.latent_dim)
         self.generator = torch.Generator(device=self.device)
-        self.ctx = StepContext(self.wrapped, self.plain, self.prior, self.generator, output, cfg.phases.discriminator.input_noise)
         self.phases = build_phases(cfg)
+        labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
+        self.ctx = StepContext(self.wrapped, self.plain, self.prior, self.generator, self.output, cfg, self.num_classes, labelled)
         self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device)
         for ph in self.phases:
             make_optimizer(ph, self.plain, self.coord.total_steps())
@@ -67,6 +71,21 @@ class Trainer:
         self.resumed_from = self._restore()
         self.logger = TensorBoardLogger(session.run_url, purge_step=self.coord.step or None) if self.rank == 0 else None
         self.viz = self._viz_batch() if self.rank == 0 else None
+
+    def _labelled_sampler(self):
+        """Semi-supervised with few labels: every step draws a labelled minibatch from the (small,
+        identical on every rank) labelled set; with all labels, the batch's own labels serve."""
+        if not self.cfg.data.labeled_per_class:
+            return None
+        x, y = self.train_data.labelled_samples()
+        x, y = self.to_device(torch.from_numpy(x)), torch.from_numpy(y).to(self.device)
+        n = min(self.cfg.data.batch_size, len(x))
+
+        def draw():
+            idx = torch.randint(0, len(x), (n,), generator=self.generator, device=self.device)
+            return x[idx], y[idx]
+
+        return draw
 
     # ---- one step -------------------------------------------------------------------------------
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,22 +187,10 @@ class Trainer:
         return int(meta["step"])
 
     # ---- evaluation, logging, summary -------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        data = ShardStream(self.cfg.data.path, self.eval_split, max(256, self.cfg.data.batch_size), rank=self.rank,
-                           world_size=self.world, shuffle=False, manifest=self.manifest)
-        enc, dec = self.plain["encoder"], self.plain["decoder"]
-        self.generator.manual_seed(self.cfg.train.seed + 12345)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, _ in data.iter_epoch(0):
-            x = self.to_device(x)
-            codes = enc(x, generator=self.generator)
-            z = codes.mu if codes.mu is not None else codes.z
-            total[0] += reconstruction_error(self.ctx, dec(z), x).double() * len(x)
-            total[1] += len(x)
-        if distributed():
-            dist.all_reduce(total)
-        return {"recon_loss": float(total[0] / total[1])}
+        ev = Evaluator(self.cfg, self.plain, self.prior, self.num_classes, self.output, self.manifest, self.device,
+                       self.scale, rank=self.rank, world=self.world)
+        return ev.run(self.eval_split)
 
     def _viz_batch(self):
         data = ShardStream(self.cfg.data.path, self.eval_split, 512, shuffle=False, manifest=self.manifest)
@@ -195,9 +202,7 @@ class Trainer:
             return
         step, lg = self.coord.step, self.logger
         scalars = {f"loss/{k.split('/')[0]}": v for k, v in means.items() if k.endswith("/loss")}
-        if "discriminator/acc_prior" in means:
-            scalars["discriminator/acc_prior"] = means["discriminator/acc_prior"]
-            scalars["discriminator/acc_codes"] = means["discriminator/acc_codes"]
+        scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl")})
         for ph in self.phases:
             scalars[f"lr/{ph.name}"] = ph.optimizer.param_groups[0]["lr"]
             scalars[f"time/{ph.name}_ms_per_step"] = 1000 * self.phase_seconds[ph.name] / max(1, step - start_step)
@@ -213,24 +218,29 @@ class Trainer:
     def log_images(self, step: int) -> None:
         x, y = self.viz
         enc, dec = self.plain["encoder"], self.plain["decoder"]
-        codes = enc(x, generator=self.generator).z
-        recon = self._as_image(dec(codes[:32]))
+        c = enc(x, generator=self.generator)
+        codes = c.z
+        ydec = self.ctx.decoder_y(c, torch.from_numpy(y).to(self.device))
+        recon = self._as_image(dec(codes[:32], None if ydec is None else ydec[:32]))
         pairs = torch.stack([x[:32].cpu(), recon], 1).flatten(0, 1).numpy()
         self.logger.image("images/inputs_and_reconstructions", image_grid(self._displayable(pairs), cols=16), step)
-        samples = self._as_image(dec(self.prior.sample(64, self.generator, self.device)))
+        z, ys = sample_latents(self.cfg.model, self.prior, self.num_classes, 64, self.generator, self.device)
+        samples = self._as_image(dec(z, ys))
         self.logger.image("images/prior_samples", image_grid(self._displayable(samples.numpy()), cols=8), step)
         pts = codes[:, :2].float().cpu().numpy() if codes.shape[1] >= 2 else np.c_[codes.float().cpu().numpy(), np.zeros(len(codes))]
         self.logger.image("codes/scatter", scatter_image(pts, y), step)
+        if c.y_logits is not None:
+            self.logger.histogram("codes/y_argmax", c.y_logits.argmax(1), step)
         self.logger.histogram("codes/z", codes, step)
 
     def _as_image(self, out: torch.Tensor) -> torch.Tensor:
-        return (torch.sigmoid(out) if self.ctx.output == "bernoulli" else out).float().cpu()
+        return (torch.sigmoid(out) if self.output == "bernoulli" else out).float().cpu()
 
     def _displayable(self, imgs: np.ndarray) -> np.ndarray:
         if imgs.ndim == 3:  # (N, 1, D) vectors: show as a 1-pixel-high strip
             imgs = imgs[:, :, None, :]
         lo, hi = imgs.min(), imgs.max()
-        return imgs if self.ctx.output == "bernoulli" else (imgs - lo) / max(hi - lo, 1e-9)
+        return imgs if self.output == "bernoulli" else (imgs - lo) / max(hi - lo, 1e-9)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -1,0 +1,158 @@
+"""The paper's metrics: held-out reconstruction, Parzen-window log-likelihood, classification and
+clustering error, and a prior-match statistic (MMD).  Each rank evaluates its share of a split;
+sums are all-reduced, so the figures are the same on every rank."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .data import ShardStream
+from .models.latents import sample_latents
+from .training.distributed import distributed
+from .training.phases import reconstruction_error
+
+PARZEN_SIGMAS = np.logspace(np.log10(0.05), np.log10(1.0), 20)
+
+
+def _allreduce(t: torch.Tensor) -> torch.Tensor:
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, nets: dict, prior, num_classes: int, output: str, manifest, device, scale: float,
+                 rank: int = 0, world: int = 1, data_path: str | None = None):
+        self.cfg, self.nets, self.prior, self.k, self.output = cfg, nets, prior, num_classes, output
+        self.manifest, self.device, self.scale, self.rank, self.world = manifest, device, scale, rank, world
+        self.path = data_path or cfg.data.path
+        self.generator = torch.Generator(device=device)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        return x.float().div_(self.scale) if self.scale != 1.0 else x.float()
+
+    def stream(self, split: str, world: int | None = None, rank: int | None = None) -> ShardStream:
+        world = self.world if world is None else world
+        rank = self.rank if rank is None else rank
+        return ShardStream(self.path, split, 500, rank=rank, world_size=world, shuffle=False, manifest=self.manifest)
+
+    @torch.no_grad()
+    def run(self, split: str) -> dict:
+        self.generator.manual_seed(self.cfg.train.seed + 12345)
+        enc, dec = self.nets["encoder"], self.nets["decoder"]
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # recon*n, n, wrong, labelled
+        codes = []
+        for x, y in self.stream(split).iter_epoch(0):
+            x, y = self.to_device(x), y.to(self.device)
+            c = enc(x, generator=self.generator)
+            z = c.mu if c.mu is not None else c.z
+            ydec = torch.nn.functional.one_hot(y.clamp_min(0), self.k).float() if self.cfg.model.variant == "supervised" else c.y
+            sums[0] += reconstruction_error(self.output, dec(z, ydec), x).double() * len(x)
+            sums[1] += len(x)
+            if c.y_logits is not None and (y >= 0).any():
+                known = y >= 0
+                sums[2] += (c.y_logits.argmax(1)[known] != y[known]).sum()
+                sums[3] += known.sum()
+            if sum(len(a) for a in codes) < 2000:
+                codes.append(c.z.float())
+        _allreduce(sums)
+        out = {"recon_loss": float(sums[0] / sums[1])}
+        if self.cfg.model.variant == "semi_supervised" and sums[3] > 0:
+            out["classify_error"] = float(sums[2] / sums[3])
+        if self.cfg.model.variant in ("clustering", "dim_reduction") and self.manifest.labels:
+            out["cluster_error"] = self.cluster_error(split)
+        if self.cfg.model.regularizer == "adversarial" or self.cfg.model.posterior == "gaussian":
+            out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])
+        if self.cfg.train.parzen_samples:
+            ll, se, sigma = self.parzen(split)
+            out.update(parzen_ll=ll, parzen_ll_se=se, parzen_sigma=sigma)
+        return out
+
+    # ---- clustering ------------------------------------------------------------------------
+    def cluster_error(self, split: str) -> float:
+        """Label each cluster with the majority class of its training members, then test error."""
+        enc = self.nets["encoder"]
+        c = self.manifest.num_classes
+        counts = torch.zeros(self.k, c, dtype=torch.float64, device=self.device)
+        for x, y in self.stream("train").iter_epoch(0):
+            cl = enc(self.to_device(x), generator=self.generator).y_logits.argmax(1)
+            y = y.to(self.device)
+            # training labels are used here even where training hid them: this is the paper's evaluation
+            counts.index_put_((cl, y.clamp_min(0)), torch.ones_like(cl, dtype=torch.float64), accumulate=True)
+        _allreduce(counts)
+        mapping = counts.argmax(1)
+        wrong = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in self.stream(split).iter_epoch(0):
+            cl = enc(self.to_device(x), generator=self.generator).y_logits.argmax(1)
+            wrong[0] += (mapping[cl] != y.to(self.device)).sum()
+            wrong[1] += len(y)
+        _allreduce(wrong)
+        return float(wrong[0] / wrong[1])
+
+    # ---- prior match -------------------------------------------------------------------------
+    def prior_match(self, codes: torch.Tensor) -> float:
+        """Unbiased MMD^2 between held-out codes and prior samples, RBF kernels at several scales."""
+        n = len(codes)
+        real = self.prior.sample(n, self.generator, self.device).float()  # label-regularised: the whole mixture
+        value = mmd2(codes, real)
+        t = _allreduce(torch.tensor([value, 1.0], dtype=torch.float64, device=self.device))
+        return float(t[0] / t[1])
+
+    # ---- Parzen window -----------------------------------------------------------------------
+    def parzen(self, split: str) -> tuple[float, float, float]:
+        """Log-likelihood (nats) of the split under a Gaussian Parzen window on decoded prior samples;
+        sigma maximises the likelihood of a validation part of the training split (paper Table 1)."""
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 777)  # same samples on every rank
+        dec = self.nets["decoder"]
+        means = []
+        remaining = self.cfg.train.parzen_samples
+        while remaining > 0:
+            n = min(2000, remaining)
+            z, y = sample_latents(self.cfg.model, self.prior, self.k, n, g, self.device)
+            out = dec(z, y)
+            means.append((torch.sigmoid(out) if self.output == "bernoulli" else out).flatten(1).double())
+            remaining -= n
+        mu = torch.cat(means)
+        val = torch.cat([self.to_device(x).flatten(1).double() for x, _ in self.stream("train", world=1, rank=0).iter_epoch(0)])[:1000]
+        best = max(PARZEN_SIGMAS, key=lambda s: float(parzen_ll(val, mu, s).mean()))
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, _ in self.stream(split).iter_epoch(0):
+            ll = parzen_ll(self.to_device(x).flatten(1).double(), mu, best)
+            acc += torch.stack([ll.sum(), (ll**2).sum(), torch.tensor(float(len(ll)), dtype=torch.float64, device=self.device)])
+        _allreduce(acc)
+        mean = acc[0] / acc[2]
+        var = acc[1] / acc[2] - mean**2
+        return float(mean), float(torch.sqrt(var.clamp_min(0) / acc[2])), float(best)
+
+
+def parzen_ll(x: torch.Tensor, mu: torch.Tensor, sigma: float, chunk: int = 500) -> torch.Tensor:
+    d = x.shape[1]
+    const = -math.log(len(mu)) - 0.5 * d * math.log(2 * math.pi * sigma**2)
+    mu_sq = (mu**2).sum(1)
+    out = []
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk]
+        sq = (xb**2).sum(1, keepdim=True) + mu_sq[None] - 2 * xb @ mu.T
+        out.append(torch.logsumexp(-sq.clamp_min(0) / (2 * sigma**2), 1) + const)
+    return torch.cat(out)
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    n, m = len(a), len(b)
+    if n < 2 or m < 2:
+        return float("nan")
+    xx, yy, xy = torch.cdist(a, a) ** 2, torch.cdist(b, b) ** 2, torch.cdist(a, b) ** 2
+    scale = torch.median(xy).clamp_min(1e-9)
+    total = 0.0
+    for f in (0.25, 1.0, 4.0):
+        h = scale * f
+        kxx, kyy, kxy = torch.exp(-xx / h), torch.exp(-yy / h), torch.exp(-xy / h)
+        total += float((kxx.sum() - n) / (n * (n - 1)) + (kyy.sum() - m) / (m * (m - 1)) - 2 * kxy.mean())
+    return total
