@@ -41,6 +41,37 @@ def cmd_train(args) -> int:
     return train_from_cli(args)
 
 
+def cmd_eval(args) -> int:
+    from .inference import evaluate, to_json
+
+    print(to_json(evaluate(args.ref, args.data, args.split)))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .inference import sample_grid
+
+    print(sample_grid(args.ref, args.n, args.out, label=args.label, interpolate=args.interpolate, seed=args.seed))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from .inference import encode
+
+    n = encode(args.ref, args.data, args.out, splits=args.split, workers=args.workers, address=args.address)
+    print(f"encoded {n} samples to {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .inference import generate
+
+    n = generate(args.ref, args.n, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                 address=args.address, overwrite=args.overwrite)
+    print(f"generated {n} samples as a dataset at {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aae-dist", description="Distributed Adversarial Autoencoders on Ray Train")
     sub = p.add_subparsers(dest="command")
@@ -59,6 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, sha256, shape)")
     v.add_argument("url")
     v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("eval", help="metrics of a trained run as JSON")
+    e.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    e.add_argument("--data", help="dataset URL (default: the run's data.path)")
+    e.add_argument("--split", default="test")
+    e.set_defaults(func=cmd_eval)
+
+    sm = sub.add_parser("sample", help="a PNG grid of decoded prior samples")
+    sm.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("--out", required=True, help="PNG file (any fsspec URL)")
+    sm.add_argument("--label", type=int, help="fix the class (supervised, semi-supervised, label-regularised)")
+    sm.add_argument("--interpolate", action="store_true", help="walk between two codes")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(func=cmd_sample)
+
+    en = sub.add_parser("encode", help="codes (and predicted y) of a dataset as Parquet")
+    en.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    en.add_argument("--data", required=True)
+    en.add_argument("--out", required=True, help="folder URL for <split>-NNNNN.parquet")
+    en.add_argument("--split", action="append", help="splits to encode (default all)")
+    en.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
+    en.add_argument("--address", help="Ray cluster address")
+    en.set_defaults(func=cmd_encode)
+
+    g = sub.add_parser("generate", help="N generated samples as a sharded dataset")
+    g.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    g.add_argument("--n", type=int, required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--shard-size", type=int, default=10_000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
+    g.add_argument("--address", help="Ray cluster address")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train an AAE (default: embedded digits, one local worker)")
     add_run_arguments(t)

@@ -77,9 +77,14 @@ def preflight(cfg: Config) -> None:
         raise UserError(f"model.variant={cfg.model.variant} needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
     if cfg.model.variant == "label_regularized" and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != (cfg.model.num_classes or m.num_classes):
         raise UserError(f"model.variant=label_regularized: prior.components={cfg.prior.components} must equal the {cfg.model.num_classes or m.num_classes} classes")
+    k = cfg.model.num_classes or m.num_classes
+    uses_labels = cfg.model.variant in ("supervised", "label_regularized", "semi_supervised") or (
+        cfg.model.variant == "dim_reduction" and cfg.data.labeled_per_class)
+    if uses_labels and k < m.num_classes:
+        raise UserError(f"model.num_classes={k} is fewer than the {m.num_classes} classes of {storage.redact(cfg.data.path)}: raise it or drop it")
     from .models.networks import build_networks
 
-    build_networks(cfg.model, tuple(m.shape), cfg.model.num_classes or m.num_classes)
+    build_networks(cfg.model, tuple(m.shape), k)
 
 
 def run_exists(run_url: str) -> bool:

@@ -47,9 +47,7 @@ def write_dataset(
             for i, start in enumerate(range(0, len(x), shard_size)):
                 name = f"{split_name}-{i:05d}"
                 xs = x[start : start + shard_size]
-                x_file = _write_array(dest, f"{name}.x.npy", xs)
-                y_file = _write_array(dest, f"{name}.y.npy", y[start : start + shard_size].astype(LABEL_DTYPE)) if has_labels else None
-                shards.append(Shard(name=name, count=len(xs), x=x_file, y=y_file))
+                shards.append(write_shard(dest, name, xs, y[start : start + shard_size] if has_labels else None))
                 bar.update(len(xs))
             out_splits[split_name] = Split(count=len(x), shards=shards)
 
@@ -64,6 +62,12 @@ def write_dataset(
     )
     storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
     return manifest
+
+
+def write_shard(dest: str, name: str, x: np.ndarray, y: np.ndarray | None) -> Shard:
+    """One shard's files; the caller writes the manifest that lists it."""
+    y_file = _write_array(dest, f"{name}.y.npy", y.astype(LABEL_DTYPE)) if y is not None else None
+    return Shard(name=name, count=len(x), x=_write_array(dest, f"{name}.x.npy", x), y=y_file)
 
 
 def _write_array(dest: str, file: str, arr: np.ndarray) -> ArrayFile:

@@ -165,7 +165,9 @@ class Trainer:
                 "coordinator": coord.state_dict(),
             }
             meta = {"format": 1, "step": coord.step, "epoch": coord.epoch, "final": final, "world_size": self.world,
-                    "architecture": checkpoint.architecture(self.cfg.to_dict()), "data_path": storage.redact(self.cfg.data.path)}
+                    "architecture": checkpoint.architecture(self.cfg.to_dict()), "config": self.cfg.to_dict(),
+                    "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": self.num_classes,
+                    "output": self.output}
             checkpoint.write_local(folder, state, meta)
         try:
             self.session.report(report, folder)

@@ -1,0 +1,207 @@
+"""Use a trained run: evaluate, sample grids, encode a dataset to Parquet, generate a sharded dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import storage
+from .config import Config
+from .errors import UserError
+from .models import build_networks, build_prior
+from .models.latents import sample_latents
+from .training import checkpoint
+
+
+@dataclass
+class Model:
+    cfg: Config
+    nets: dict
+    prior: object
+    num_classes: int
+    output: str
+    shape: tuple
+    dtype: str
+
+    @property
+    def scale(self) -> float:
+        return 255.0 if self.dtype == "uint8" else 1.0
+
+    def decode(self, z, y) -> torch.Tensor:
+        out = self.nets["decoder"](z, y)
+        return torch.sigmoid(out) if self.output == "bernoulli" else out
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """A checkpoint folder as given, or the latest complete checkpoint of a run folder."""
+    if storage.exists(storage.join(ref, checkpoint.META)):
+        return ref
+    latest = checkpoint.latest_in_run(ref)
+    if latest is None:
+        raise UserError(f"no checkpoint at {storage.redact(ref)}: pass a run folder (STORAGE/NAME) or a checkpoint_* folder")
+    return latest
+
+
+def load_model(ref: str) -> Model:
+    local = checkpoint.fetch(resolve_checkpoint(ref))
+    try:
+        state, meta = checkpoint.read_local(local)
+    finally:
+        checkpoint.remove_local(local)
+    if "config" not in meta:
+        raise UserError(f"checkpoint {storage.redact(ref)} has no config (written by an older aae-dist): re-train")
+    cfg = Config.model_validate(meta["config"])
+    nets = build_networks(cfg.model, tuple(meta["shape"]), int(meta["num_classes"]))
+    for n, m in nets.items():
+        m.load_state_dict(state["models"][n])
+        m.eval()
+    return Model(cfg, nets, build_prior(cfg.prior, cfg.model.latent_dim), int(meta["num_classes"]), meta["output"],
+                 tuple(meta["shape"]), meta["dtype"])
+
+
+# ---- eval --------------------------------------------------------------------------------------
+
+def evaluate(ref: str, data: str | None, split: str) -> dict:
+    from .data import read_manifest
+    from .evaluation import Evaluator
+
+    model = load_model(ref)
+    path = data or model.cfg.data.path
+    manifest = read_manifest(path)
+    if tuple(manifest.shape) != model.shape:
+        raise UserError(f"dataset {storage.redact(path)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
+    ev = Evaluator(model.cfg, model.nets, model.prior, model.num_classes, model.output, manifest, torch.device("cpu"),
+                   model.scale, data_path=path)
+    manifest.split(split, path)
+    return ev.run(split)
+
+
+# ---- sample ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolate: bool = False, seed: int = 0) -> str:
+    from PIL import Image
+
+    from .training.metrics import image_grid
+
+    if n <= 0:
+        raise UserError(f"--n must be positive, got {n}")
+    model = load_model(ref)
+    g = torch.Generator().manual_seed(seed)
+    labels = None
+    if label is not None:
+        if not model.num_classes or not 0 <= label < model.num_classes:
+            raise UserError(f"--label {label}: this model has {model.num_classes or 'no'} classes")
+        labels = torch.full((n,), label, dtype=torch.long)
+    z, y = sample_latents(model.cfg.model, model.prior, model.num_classes, n, g, "cpu", labels=labels)
+    if interpolate:  # walk in a straight line between two codes
+        t = torch.linspace(0, 1, n)[:, None]
+        z = (1 - t) * z[:1] + t * z[-1:]
+        if y is not None:
+            y = y[:1].expand(n, -1) if labels is not None else (1 - t) * y[:1] + t * y[-1:]
+    imgs = model.decode(z, y).float().numpy()
+    if len(model.shape) != 3:
+        raise UserError(f"sample needs image data (C, H, W); this model's samples are {model.shape}")
+    lo, hi = (0.0, 1.0) if model.output == "bernoulli" else (imgs.min(), imgs.max())
+    grid = image_grid(np.clip((imgs - lo) / max(hi - lo, 1e-9), 0, 1), cols=n if interpolate else int(np.ceil(np.sqrt(n))))
+    arr = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    storage.write_bytes_atomic(out, buf.getvalue())
+    return out
+
+
+# ---- encode ------------------------------------------------------------------------------------
+
+def _encode_shard(job: tuple) -> int:
+    ref, data, split, shard_index, out = job
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .data.format import read_manifest
+    from .data.reader import Segment, ShardStream
+
+    model = load_model(ref)
+    manifest = read_manifest(data)
+    shard = manifest.splits[split].shards[shard_index]
+    stream = ShardStream(data, split, 1, shuffle=False, manifest=manifest)
+    x, y = stream.read_segment(Segment(shard, 0, shard.count))
+    with torch.no_grad():
+        xt = torch.from_numpy(np.asarray(x)).float() / model.scale
+        c = model.nets["encoder"](xt, generator=torch.Generator().manual_seed(shard_index))
+        z = (c.mu if c.mu is not None else c.z).numpy().astype(np.float32)
+    cols = {"split": pa.array([split] * len(z)), "shard": pa.array([shard.name] * len(z)), "index": pa.array(np.arange(len(z))),
+            "label": pa.array(np.asarray(y)), "z": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])}
+    if c.y_logits is not None:
+        cols["y_pred"] = pa.array(c.y_logits.argmax(1).numpy())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    storage.write_bytes_atomic(storage.join(out, f"{split}-{shard_index:05d}.parquet"), buf.getvalue())
+    return len(z)
+
+
+def encode(ref: str, data: str, out: str, splits: list[str] | None = None, workers: int = 0, address: str | None = None) -> int:
+    from .data.format import read_manifest
+    from .parallel import map_tasks
+
+    manifest = read_manifest(data)
+    model = load_model(ref)
+    if tuple(manifest.shape) != model.shape:
+        raise UserError(f"dataset {storage.redact(data)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
+    jobs = [(ref, data, s, i, out) for s in (splits or list(manifest.splits)) for i in range(len(manifest.split(s, data).shards))]
+    return sum(map_tasks(_encode_shard, jobs, workers, address))
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+def _generate_chunk(job: tuple) -> dict:
+    ref, out, index, count, seed = job
+    from .data.writer import write_shard
+
+    model = load_model(ref)
+    g = torch.Generator().manual_seed(seed * 100_003 + index)
+    with torch.no_grad():
+        labels = None
+        if model.num_classes and model.cfg.model.variant != "basic":
+            labels = torch.randint(0, model.num_classes, (count,), generator=g)
+        z, y = sample_latents(model.cfg.model, model.prior, model.num_classes, count, g, "cpu", labels=labels)
+        x = model.decode(z, y).float().numpy()
+    if model.dtype == "uint8":
+        x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    else:
+        x = x.astype(model.dtype)
+    shard = write_shard(out, f"train-{index:05d}", x, None if labels is None else labels.numpy())
+    return {"shard": shard, "labels": labels is not None, "num_classes": model.num_classes, "dtype": str(x.dtype), "shape": list(x.shape[1:])}
+
+
+def generate(ref: str, n: int, out: str, shard_size: int = 10_000, seed: int = 0, workers: int = 0, address: str | None = None,
+             overwrite: bool = False) -> int:
+    from .data.format import MANIFEST, Manifest, Split
+    from .parallel import map_tasks
+
+    if n <= 0:
+        raise UserError(f"--n must be positive, got {n}")
+    load_model(ref)  # fail early on a bad reference
+    if storage.exists(storage.join(out, MANIFEST)):
+        if not overwrite:
+            raise UserError(f"a dataset already exists at {storage.redact(out)}: pass --overwrite to replace it")
+        storage.remove(storage.join(out, MANIFEST), recursive=False)
+    jobs = [(ref, out, i, min(shard_size, n - start), seed) for i, start in enumerate(range(0, n, shard_size))]
+    parts = map_tasks(_generate_chunk, jobs, workers, address)
+    first = parts[0]
+    manifest = Manifest(dtype=first["dtype"], shape=first["shape"], labels=first["labels"],
+                        num_classes=first["num_classes"] if first["labels"] else 0,
+                        splits={"train": Split(count=n, shards=[p["shard"] for p in parts])}, source=f"generated by {storage.redact(ref)}")
+    storage.write_bytes_atomic(storage.join(out, MANIFEST), manifest.to_json().encode())
+    return n
+
+
+def to_json(metrics: dict) -> str:
+    return json.dumps(metrics, indent=1, sort_keys=True)
+
+
+
