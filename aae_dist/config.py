@@ -127,8 +127,16 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     run: RunSection = RunSection()
 
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+    def to_dict(self, redact: bool = False) -> dict:
+        """Plain data; redact=True drops credentials from URLs before the config is saved or logged."""
+        d = self.model_dump(mode="json")
+        if redact:
+            from .storage import redact as clean
+
+            for section, key in (("data", "path"), ("data", "cache_dir"), ("run", "storage"), ("run", "address")):
+                if d[section][key]:
+                    d[section][key] = clean(d[section][key])
+        return d
 
 
 def _explain(exc: ValidationError, origin: str) -> UserError:

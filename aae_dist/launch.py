@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from . import storage
@@ -111,8 +112,20 @@ def train_from_cli(args) -> int:
             raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
         storage.remove(run_url)
     preflight(cfg)
-    storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(), indent=1).encode())
-    summary = launch(cfg, run_url)
+    storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
+    from .training import interrupt
+
+    interrupt.clear_marker(run_url)
+    interrupt.reset()
+    restore = interrupt.install(run_url if parse_workers(cfg.run.workers)[1] > 0 else None)
+    try:
+        summary = launch(cfg, run_url)
+    finally:
+        restore()
+    if summary and summary.get("stop_reason") == "interrupted":
+        interrupt.clear_marker(run_url)
+        print(f"aae-dist: interrupted at step {summary['steps']}: checkpoint saved; continue with --resume --name {cfg.run.name}", file=sys.stderr)
+        return 130
     if summary:
         print(
             f"done: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "

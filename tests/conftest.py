@@ -95,7 +95,7 @@ def s3_server():
                 os.environ[k] = v
 
 
-SMALL_MODEL = ["model.hidden=[64,64]", "model.disc_hidden=[64,64]", "data.batch_size=50", "train.sync_every=5", "train.parzen_samples=500"]
+SMALL_MODEL = ["model.hidden=[64,64]", "model.disc_hidden=[64,64]", "data.batch_size=50", "train.sync_every=5", "train.parzen_samples=500", "train.progress=false"]
 
 
 @pytest.fixture(scope="session")

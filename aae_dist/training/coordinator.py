@@ -18,7 +18,7 @@ from .phases import Phase
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device):
+    def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None):
         self.cfg, self.phases, self.steps_per_epoch = cfg, phases, steps_per_epoch
         self.sync_every = cfg.train.sync_every
         self.slots: dict[str, int] = {}
@@ -26,12 +26,14 @@ class Coordinator:
             for s in ph.stat_names:
                 self.slots[f"{ph.name}/{s}"] = len(self.slots)
         n = len(self.slots)
-        # per slot: sum and count; then one "non-finite seen" flag per phase
-        self.buffer = torch.zeros(2 * n + len(phases), device=device, dtype=torch.float64)
+        # per slot: sum and count; one "non-finite seen" flag per phase; one "stop requested" flag
+        self.buffer = torch.zeros(2 * n + len(phases) + 1, device=device, dtype=torch.float64)
+        self.stop_probe = stop_probe
         self.step = 0
         self.skip: dict[str, bool] = {}
         self.stop_reason: str | None = None
         self.nonfinite_steps = 0
+        self.skipped_updates = 0
         self.last_means: dict[str, float] = {}
         self.sync_seconds = 0.0
         self.syncs = 0
@@ -78,6 +80,8 @@ class Coordinator:
     def sync(self) -> dict[str, float]:
         t0 = time.perf_counter()
         buf = self.buffer
+        if self.stop_probe is not None and self.stop_probe():
+            buf[-1] = 1.0
         if distributed():
             dist.all_reduce(buf)
         values = buf.tolist()
@@ -87,7 +91,9 @@ class Coordinator:
         n = len(self.slots)
         means = {k: values[i] / values[n + i] for k, i in self.slots.items() if values[n + i] > 0}
         self.last_means = means
-        self._decide(means, values[2 * n :])
+        self._decide(means, values[2 * n : -1])
+        if values[-1] > 0 and self.stop_reason is None:
+            self.stop_reason = "interrupted"
         return means
 
     def _decide(self, means: dict[str, float], nonfinite: list[float]) -> None:
@@ -112,12 +118,14 @@ class Coordinator:
             "skip": dict(self.skip),
             "stop_reason": self.stop_reason,
             "nonfinite_steps": self.nonfinite_steps,
+            "skipped_updates": self.skipped_updates,
             "buffer": self.buffer.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.skip = {str(k): bool(v) for k, v in state["skip"].items()}
-        self.stop_reason = state["stop_reason"]
+        self.stop_reason = None if state["stop_reason"] == "interrupted" else state["stop_reason"]
         self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         self.buffer.copy_(state["buffer"].to(self.buffer.device))

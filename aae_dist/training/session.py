@@ -24,6 +24,12 @@ class Session:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         raise NotImplementedError
 
+    def stop_requested(self) -> bool:
+        """Asked on rank 0 at coordinator syncs only (one storage call per sync under Ray)."""
+        from . import interrupt
+
+        return interrupt.requested()
+
     @contextlib.contextmanager
     def latest_checkpoint(self):
         """Yields a local folder of the latest complete checkpoint, or None."""
@@ -68,6 +74,12 @@ class RaySession(Session):
     def report(self, metrics, checkpoint_dir):
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=ckpt)
+
+    def stop_requested(self) -> bool:
+        from .. import storage
+        from .interrupt import STOP_MARKER
+
+        return storage.exists(storage.join(self.run_url, STOP_MARKER))
 
     @contextlib.contextmanager
     def latest_checkpoint(self):

@@ -64,10 +64,12 @@ class Trainer:
         self.phases = build_phases(cfg)
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
         self.ctx = StepContext(self.wrapped, self.plain, self.prior, self.generator, self.output, cfg, self.num_classes, labelled)
-        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device)
+        probe = session.stop_requested if self.rank == 0 else None
+        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe)
         for ph in self.phases:
             make_optimizer(ph, self.plain, self.coord.total_steps())
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
+        self.check_grads = cfg.train.nan_policy == "skip"  # one host sync per phase: only when asked for
         self.resumed_from = self._restore()
         self.logger = TensorBoardLogger(session.run_url, purge_step=self.coord.step or None) if self.rank == 0 else None
         self.viz = self._viz_batch() if self.rank == 0 else None
@@ -107,12 +109,25 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss, stats = ph.loss(self.ctx, x, y)
                 (loss * ph.cfg.weight if ph.cfg.weight != 1.0 else loss).backward()
+                if self.check_grads and not self._grads_finite(ph):
+                    ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
+                    self.coord.skipped_updates += 1
+                    if self.rank == 0:
+                        print(f"aae-dist: warning: non-finite gradients in phase '{ph.name}' at step {self.coord.step}: update skipped", flush=True)
+                    continue
                 ph.optimizer.step()
                 self.coord.record(ph, stats)
                 self.coord.flag_nonfinite(ph, loss)
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
         return self.coord.end_step()
+
+    def _grads_finite(self, ph) -> bool:
+        """Gradients are all-reduced by DDP before this check, so every rank gets the same answer."""
+        grads = [p.grad for p in ph.optimizer.param_groups[0]["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -140,7 +155,7 @@ class Trainer:
         bar.close()
         train_s = time.perf_counter() - t_first if t_first else 0.0
         samples = (coord.step - start_step) * cfg.data.batch_size * self.world
-        metrics = self.evaluate()
+        metrics = self.evaluate() if coord.stop_reason != "interrupted" else {}
         self.save_checkpoint(final=True, metrics=metrics)
         return self._finish(metrics, samples / train_s if train_s else 0.0, train_s)
 
@@ -165,7 +180,7 @@ class Trainer:
                 "coordinator": coord.state_dict(),
             }
             meta = {"format": 1, "step": coord.step, "epoch": coord.epoch, "final": final, "world_size": self.world,
-                    "architecture": checkpoint.architecture(self.cfg.to_dict()), "config": self.cfg.to_dict(),
+                    "architecture": checkpoint.architecture(self.cfg.to_dict()), "config": self.cfg.to_dict(redact=True),
                     "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": self.num_classes,
                     "output": self.output}
             checkpoint.write_local(folder, state, meta)
@@ -273,6 +288,7 @@ class Trainer:
             "resumed_from_step": self.resumed_from,
             "stop_reason": coord.stop_reason or ("max_steps" if self.cfg.train.max_steps and coord.step >= self.cfg.train.max_steps else "epochs"),
             "nonfinite_steps": coord.nonfinite_steps,
+            "skipped_updates": coord.skipped_updates,
             "coordinator": {
                 "syncs": coord.syncs,
                 "sync_every": coord.sync_every,
@@ -283,11 +299,12 @@ class Trainer:
             "communication_per_step": self.comm.per_step(coord.step - self.start_step),
             "replica_fingerprints": prints,
             "replicas_in_sync": len(set(prints)) == 1,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(redact=True),
         }
         self.logger.scalars({f"final/{k}": v for k, v in metrics.items()}, coord.step)
-        self.log_images(coord.step)
-        self.logger.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)
+        if metrics:
+            self.log_images(coord.step)
+            self.logger.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)
         self.logger.close()
         storage.write_bytes_atomic(storage.join(self.session.run_url, "summary.json"), json.dumps(summary, indent=1).encode())
         return summary
