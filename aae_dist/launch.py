@@ -89,9 +89,21 @@ def preflight(cfg: Config) -> None:
 
 
 def run_exists(run_url: str) -> bool:
+    """A run exists once it has a checkpoint or a summary (a config.json alone is a start that failed)."""
     from .training.checkpoint import PREFIX
 
-    return any(n.startswith(PREFIX) or n in ("summary.json", "config.json") for n in storage.listdir(run_url))
+    return any(n.startswith(PREFIX) or n == "summary.json" for n in storage.listdir(run_url))
+
+
+def check_resume(run_url: str, cfg: Config) -> None:
+    """Refuse, before anything is written, to resume with a config the checkpoint's weights do not fit."""
+    from .training import checkpoint
+
+    found = checkpoint.listing(run_url)
+    if not found:
+        return
+    meta = json.loads(storage.read_bytes(storage.join(found[-1][1], checkpoint.META)))
+    checkpoint.check_architecture(meta, cfg.to_dict())
 
 
 def train_from_cli(args) -> int:
@@ -112,6 +124,10 @@ def train_from_cli(args) -> int:
             raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
         storage.remove(run_url)
     preflight(cfg)
+    if getattr(args, "resume", False):
+        check_resume(run_url, cfg)
+    if parse_workers(cfg.run.workers)[1] > 0:
+        connect_ray(cfg.run.address)
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
     from .training import interrupt
 
@@ -143,6 +159,39 @@ def launch(cfg: Config, run_url: str) -> dict:
     return launch_ray(cfg, run_url, lo, hi)
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray waits minutes on a dead address; a TCP probe answers in seconds."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {exc} (check --address and that the head node is up)") from None
+
+
+def check_shared_storage(storage_url: str, nodes: int) -> None:
+    if nodes > 1 and storage.is_local(storage_url):
+        raise UserError(
+            f"--storage {storage.redact(storage_url)} is a local path but the cluster has {nodes} nodes: "
+            "use storage every node can reach (s3://, gs://, or a shared mount given as such)"
+        )
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        check_reachable(address)
+    # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
+    ray.init(address=address or "local", include_dashboard=False)
+
+
 def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -150,9 +199,10 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
 
     from .training.worker import train_worker
 
-    if not ray.is_initialized():
-        # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
-        ray.init(address=cfg.run.address or "local", include_dashboard=False)
+    connect_ray(cfg.run.address)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not cfg.run.shared_storage:
+        check_shared_storage(cfg.run.storage, len(nodes))
     workers = (lo, hi) if lo != hi else hi
     cpus = cfg.run.cpus_per_worker or (max(1, (os.cpu_count() or 1) // hi) if not cfg.run.address else 1)
     cfg.run.cpus_per_worker = cpus

@@ -11,8 +11,9 @@ def map_tasks(fn: Callable, items: Sequence, workers: int, address: str | None =
         return [fn(item) for item in items]
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False)
+    from .launch import connect_ray
+
+    connect_ray(address)
     remote = ray.remote(num_cpus=1)(fn)
     pending, results = [], {}
     for i, item in enumerate(items):

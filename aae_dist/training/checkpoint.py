@@ -28,6 +28,13 @@ def architecture(cfg_dict: dict) -> dict:
     return {k: m[k] for k in keys}
 
 
+def check_architecture(meta: dict, cfg_dict: dict) -> None:
+    want, have = architecture(cfg_dict), meta.get("architecture", {})
+    diff = [f"model.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise UserError(f"checkpoint at step {meta.get('step')} has a different architecture ({'; '.join(diff)}): use the run's own config or start a new run")
+
+
 def write_local(folder: str, state: dict, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     torch.save(state, os.path.join(folder, STATE))
@@ -43,10 +50,7 @@ def read_local(folder: str, cfg_dict: dict | None = None) -> tuple[dict, dict]:
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder} is not an aae-dist checkpoint ({META}: {exc}): point at a run folder or checkpoint folder") from None
     if cfg_dict is not None:
-        want, have = architecture(cfg_dict), meta.get("architecture", {})
-        diff = [f"model.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items() if have.get(k) != v]
-        if diff:
-            raise UserError(f"checkpoint at step {meta.get('step')} has a different architecture ({'; '.join(diff)}): use the run's own config or start a new run")
+        check_architecture(meta, cfg_dict)
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refuse anything that is not a plain tensor checkpoint
