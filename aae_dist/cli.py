@@ -72,6 +72,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    return submit(args)
+
+
+def cmd_jobs(args) -> int:
+    from .submit import jobs_command
+
+    if args.action != "list" and not args.job_id:
+        raise UserError(f"aae-dist jobs {args.action} needs a JOB_ID (see aae-dist jobs list)")
+    return jobs_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aae-dist", description="Distributed Adversarial Autoencoders on Ray Train")
     sub = p.add_subparsers(dest="command")
@@ -125,6 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", help="Ray cluster address")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    sb = sub.add_parser("submit", help="submit a run as a Ray job to a cluster")
+    sb.add_argument("--address", required=True, help="Ray dashboard/job API URL, e.g. http://head:8265")
+    sb.add_argument("--config")
+    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sb.add_argument("--workers")
+    sb.add_argument("--gpu", action="store_true")
+    sb.add_argument("--storage", help="run storage every node can reach (s3://, gs://, shared mount)")
+    sb.add_argument("--name")
+    sb.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
+    sb.add_argument("--command", dest="command_to_run", default="train", choices=["train", "eval", "generate"],
+                    help="what the job runs (eval/generate take their arguments after --)")
+    sb.add_argument("--pip", action="store_true", help="install aae-dist's requirements in the job (clusters without it)")
+    sb.add_argument("--job-id", help="submission id to use")
+    sb.add_argument("extra", nargs="*", help="more arguments for the command, after --")
+    sb.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    jb.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?")
+    jb.add_argument("--address", required=True)
+    jb.add_argument("--follow", action="store_true")
+    jb.set_defaults(func=cmd_jobs)
 
     t = sub.add_parser("train", help="train an AAE (default: embedded digits, one local worker)")
     add_run_arguments(t)

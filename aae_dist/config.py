@@ -116,6 +116,8 @@ class RunSection(Section):
     workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray
     gpu: bool = False
     address: Optional[str] = None
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # where Ray puts the workers
+    resources_per_worker: dict[str, float] = {}  # extra Ray resources each worker asks for (e.g. {"worker_node": 1})
     shared_storage: bool = False  # a local --storage path that is a mount shared by every node
     cpus_per_worker: Optional[int] = Field(None, gt=0)  # default: local Ray shares this machine's cores; a cluster gives 1
 

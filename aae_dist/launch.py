@@ -192,6 +192,17 @@ def connect_ray(address: str | None) -> None:
     ray.init(address=address or "local", include_dashboard=False)
 
 
+def ray_storage(url: str) -> dict:
+    """Ray Train writes its checkpoints through the same fsspec filesystem aae-dist uses for everything
+    else (Ray's own pyarrow S3 client disagrees with some S3-compatible servers on multipart uploads)."""
+    if storage.is_local(url):
+        return {"storage_path": url}
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(url)
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
 def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -209,11 +220,14 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.run.gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage,
+            **ray_storage(cfg.run.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),

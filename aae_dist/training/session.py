@@ -43,6 +43,11 @@ class Session:
         finally:
             checkpoint.remove_local(local)
 
+    def node(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
     def device(self, use_gpu: bool) -> torch.device:
         if use_gpu and torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
@@ -74,6 +79,11 @@ class RaySession(Session):
     def report(self, metrics, checkpoint_dir):
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=ckpt)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def stop_requested(self) -> bool:
         from .. import storage

@@ -268,11 +268,13 @@ class Trainer:
         return h.hexdigest()
 
     def _finish(self, metrics: dict, samples_per_s: float, train_s: float) -> dict:
-        prints = [None] * self.world
+        mine = {"fingerprint": self.fingerprint(), "node": self.session.node(), "device": str(self.device)}
+        everyone = [None] * self.world
         if distributed():
-            dist.all_gather_object(prints, self.fingerprint())
+            dist.all_gather_object(everyone, mine)
         else:
-            prints = [self.fingerprint()]
+            everyone = [mine]
+        prints = [e["fingerprint"] for e in everyone]
         if self.rank != 0:
             return {}
         coord = self.coord
@@ -285,6 +287,8 @@ class Trainer:
             "metrics": metrics,
             "world_size": self.world,
             "device": str(self.device),
+            "workers": [{"rank": r, "node": e["node"], "device": e["device"]} for r, e in enumerate(everyone)],
+            "nodes": len({e["node"] for e in everyone}),
             "resumed_from_step": self.resumed_from,
             "stop_reason": coord.stop_reason or ("max_steps" if self.cfg.train.max_steps and coord.step >= self.cfg.train.max_steps else "epochs"),
             "nonfinite_steps": coord.nonfinite_steps,
@@ -302,6 +306,8 @@ class Trainer:
             "config": self.cfg.to_dict(redact=True),
         }
         self.logger.scalars({f"final/{k}": v for k, v in metrics.items()}, coord.step)
+        self.logger.writer.add_text("run/topology", f"world size {self.world}, {summary['nodes']} node(s): " + ", ".join(
+            f"rank {w['rank']} on {w['node']} ({w['device']})" for w in summary["workers"]), coord.step)
         if metrics:
             self.log_images(coord.step)
             self.logger.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)

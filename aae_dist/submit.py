@@ -1,0 +1,128 @@
+"""Ray jobs: `aae-dist submit` and `aae-dist jobs list|status|logs|stop`, over JobSubmissionClient.
+
+The job carries this package as its working_dir (so the cluster runs exactly this code) and, with
+--pip, the package's requirements.  Authentication tokens come from RAY_AUTH_TOKEN (Ray's own
+variable) and are never printed."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+from .errors import UserError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    from .launch import check_reachable
+
+    check_reachable(address if "://" not in address else address.split("://", 1)[1])
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - turn Ray's many failure types into one line
+        raise explain(exc, address) from None
+
+
+def explain(exc: BaseException, address: str) -> UserError:
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "token" in low or "unauthenticated" in low or "401" in low or "403" in low:
+        return UserError(f"the Ray cluster at {address} refused the request: authentication token missing or wrong "
+                         "(set RAY_AUTH_TOKEN to the cluster's token, see `ray get-auth-token` on the head)")
+    return UserError(f"Ray job API at {address} failed: {type(exc).__name__}: {text[:300]}")
+
+
+def runtime_env(pip: bool) -> dict:
+    env: dict = {
+        "working_dir": PACKAGE_ROOT,
+        "excludes": [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", "benchmarks"],
+        "env_vars": {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
+    }
+    if pip:
+        env["pip"] = ["ray[train,default]>=2.50", "fsspec>=2024.2", "s3fs>=2024.2", "tensorboard>=2.15", "pyyaml>=6",
+                      "pydantic>=2.5", "tqdm>=4.60", "pillow>=10", "pyarrow>=14", "mlxtend>=0.23"]
+    return env
+
+
+def train_entrypoint(args) -> str:
+    cmd = [args.command_to_run]
+    if args.command_to_run != "train":  # eval / generate: their own arguments follow --
+        extra = list(args.extra or []) + (["--address", "auto"] if args.command_to_run == "generate" else [])
+        return "python -m aae_dist.cli " + " ".join(shlex.quote(c) for c in cmd + extra)
+    if args.config:
+        cmd += ["--config", os.path.relpath(os.path.abspath(args.config), PACKAGE_ROOT)
+                if os.path.abspath(args.config).startswith(PACKAGE_ROOT) else args.config]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    for flag in ("workers", "storage", "name"):
+        if getattr(args, flag, None):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    if args.gpu:
+        cmd.append("--gpu")
+    cmd += list(args.extra or [])
+    # inside the job the driver joins the cluster it runs on
+    return "python -m aae_dist.cli " + " ".join(shlex.quote(c) for c in cmd) + " --address auto"
+
+
+def submit(args) -> int:
+    from .launch import parse_workers
+
+    if args.command_to_run == "train" and args.workers:
+        lo, hi = parse_workers(args.workers)
+        if hi == 0:
+            raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
+    c = client(args.address)
+    entry = train_entrypoint(args)
+    try:
+        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip), submission_id=args.job_id)
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, args.address) from None
+    print(job_id, flush=True)
+    if not args.follow:
+        return 0
+    return follow(c, job_id, args.address)
+
+
+def follow(c, job_id: str, address: str, poll_s: float = 1.0) -> int:
+    shown = 0
+    while True:
+        try:
+            status = str(c.get_job_status(job_id)).split(".")[-1]
+            logs = c.get_job_logs(job_id)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc, address) from None
+        if len(logs) > shown:
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+            shown = len(logs)
+        if status in TERMINAL:
+            print(f"job {job_id}: {status}", file=sys.stderr)
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(poll_s)
+
+
+def jobs_command(args) -> int:
+    c = client(args.address)
+    try:
+        if args.action == "list":
+            for j in c.list_jobs():
+                print(f"{j.submission_id}\t{str(j.status).split('.')[-1]}\t{j.entrypoint}")
+        elif args.action == "status":
+            print(str(c.get_job_status(args.job_id)).split(".")[-1])
+        elif args.action == "logs":
+            if args.follow:
+                return follow(c, args.job_id, args.address)
+            sys.stdout.write(c.get_job_logs(args.job_id))
+        elif args.action == "stop":
+            print("stopped" if c.stop_job(args.job_id) else "not running")
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, args.address) from None
+    return 0

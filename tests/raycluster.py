@@ -1,0 +1,116 @@
+"""Start real Ray nodes on loopback for tests, and stop them by process group, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_exe() -> str:
+    return shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+class LocalCluster:
+    """A head and optional extra nodes, each `ray start --block` in its own process group."""
+
+    def __init__(self, extra_env: dict | None = None):
+        self.env = {**os.environ, **ENV, **(extra_env or {})}
+        self.procs: list[subprocess.Popen] = []
+        self.port = free_port()
+        self.dashboard_port = free_port()
+
+    def _node_ports(self) -> list[str]:
+        return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                "--min-worker-port", "0", "--max-worker-port", "0"]
+
+    def start_head(self, cpus: int, resources: dict | None = None) -> None:
+        cmd = [ray_exe(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+               "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+               "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
+        self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.wait_port(self.port)
+        self.wait_port(self.dashboard_port, timeout=90)
+
+    def add_node(self, cpus: int, resources: dict | None = None) -> None:
+        cmd = [ray_exe(), "start", "--block", "--address", self.address, "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(cpus), "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
+        self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def job_api(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"port {port} did not open")
+
+    def wait_nodes(self, n: int, timeout: float = 90) -> None:
+        code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                "print(sum(1 for x in ray.nodes() if x['Alive']))")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run([sys.executable, "-c", code, self.address], env=self.env, capture_output=True, text=True, timeout=60)
+            if out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{n} nodes did not join")
+
+    def worker_pids(self, marker: str = "RayTrainWorker") -> list[int]:
+        """Training worker processes of THIS cluster (same process sessions as our nodes)."""
+        sessions = {os.getsid(p.pid) for p in self.procs if p.poll() is None}
+        pids = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                if marker in cmd and os.getsid(int(d)) in sessions:
+                    pids.append(int(d))
+            except (OSError, ProcessLookupError):
+                continue
+        return pids
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()

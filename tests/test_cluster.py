@@ -1,0 +1,119 @@
+"""A real two-node Ray cluster on this machine with a moto S3 server as shared storage: a job submitted
+with `aae-dist submit`, a worker killed mid-run, local storage refused.  Everything started here is
+stopped by process group, also on failure.
+
+Ray refuses multi-node clusters in its loopback-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so
+these nodes use the machine's own interface address; nothing leaves the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SMALL_MODEL
+from raycluster import LocalCluster
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    bin_dir = os.path.dirname(sys.executable)
+    c = LocalCluster({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")})
+    try:
+        c.start_head(1, {"head_node": 1})
+        c.add_node(1, {"worker_node": 1})
+        c.wait_nodes(2)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server):
+    from aae_dist.data.writer import write_dataset
+    from conftest import ident_arrays
+
+    x, y = ident_arrays(1200)
+    url = f"s3://{s3_server['bucket']}/cluster/data"
+    write_dataset(url, {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:])}, num_classes=10, source="t", shard_size=250, progress=False)
+    return url
+
+
+def cli(*argv, env=None, timeout=400):
+    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "aae_dist.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def s3_json(s3_server, key):
+    import boto3
+
+    return json.loads(boto3.client("s3").get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read())
+
+
+def s3_keys(s3_server, prefix):
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_server["bucket"], Prefix=prefix)
+    return [o["Key"] for p in pages for o in p.get("Contents", [])]
+
+
+def sets(*extra):
+    out = []
+    for s in SMALL_MODEL + list(extra):
+        out += ["--set", s]
+    return out
+
+
+def test_submit_two_workers_on_two_nodes(cluster, s3_server, s3_data):
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    proc = cli("submit", "--address", cluster.job_api, "--workers", "2", "--storage", storage, "--name", "twonode", "--follow",
+               *sets(f"data.path={s3_data}", "train.max_steps=12", "train.checkpoint_every=4", "run.placement=SPREAD"))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    s = s3_json(s3_server, "cluster/runs/twonode/summary.json")
+    assert s["world_size"] == 2 and s["nodes"] == 2 and s["replicas_in_sync"] and s["steps"] == 12
+    assert len({w["node"] for w in s["workers"]}) == 2
+    keys = s3_keys(s3_server, "cluster/runs/twonode/")
+    assert any("/checkpoint_" in k and k.endswith("state.pt") for k in keys)
+    assert any("/tensorboard/" in k and "tfevents" in k for k in keys)
+    status = cli("jobs", "status", job_id, "--address", cluster.job_api)
+    assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+    listed = cli("jobs", "list", "--address", cluster.job_api)
+    assert job_id in listed.stdout
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(cluster, s3_server, s3_data):
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "kill",
+            *sets(f"data.path={s3_data}", "train.max_steps=40", "train.checkpoint_every=5", "run.placement=SPREAD", "data.batch_size=25")]
+    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and not any("/checkpoint_" in k and k.endswith("meta.json") for k in s3_keys(s3_server, "cluster/runs/kill/")):
+            time.sleep(0.5)
+        pids = cluster.worker_pids()
+        assert len(pids) == 2, pids
+        os.kill(pids[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    s = s3_json(s3_server, "cluster/runs/kill/summary.json")
+    assert s["steps"] == 40 and s["replicas_in_sync"]  # each step counted once
+    assert s["resumed_from_step"] is not None and s["resumed_from_step"] >= 5 and s["resumed_from_step"] % 5 == 0
+
+
+def test_local_storage_refused_on_two_nodes(cluster, tmp_path, s3_data):
+    proc = cli("train", "--workers", "2", "--address", cluster.address, "--storage", str(tmp_path / "runs"), *sets(f"data.path={s3_data}"))
+    assert proc.returncode == 2
+    assert "local path but the cluster has 2 nodes" in proc.stderr
