@@ -117,3 +117,25 @@ def test_local_storage_refused_on_two_nodes(cluster, tmp_path, s3_data):
     proc = cli("train", "--workers", "2", "--address", cluster.address, "--storage", str(tmp_path / "runs"), *sets(f"data.path={s3_data}"))
     assert proc.returncode == 2
     assert "local path but the cluster has 2 nodes" in proc.stderr
+
+
+def test_token_authentication(tmp_path):
+    """A head with Ray's token authentication: no token or a wrong one is one clear line; the right one works."""
+    token = "aae-test-token-0123456789abcdef0123"
+    c = LocalCluster({"HOME": str(tmp_path / "head-home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        c.start_head(1)
+        base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        base["HOME"] = str(tmp_path / "client-home")  # no token file to fall back on
+        for env in (base, {**base, "RAY_AUTH_TOKEN": "wrong-token"}):
+            p = subprocess.run([sys.executable, "-m", "aae_dist.cli", "jobs", "list", "--address", c.job_api], env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert p.returncode == 2 and p.stderr.count("\n") == 1
+            assert "authentication token missing or wrong" in p.stderr and "RAY_AUTH_TOKEN" in p.stderr
+            assert "wrong-token" not in p.stderr
+        ok = subprocess.run([sys.executable, "-m", "aae_dist.cli", "jobs", "list", "--address", c.job_api],
+                            env={**base, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr[-1000:]
+        assert token not in ok.stdout + ok.stderr
+    finally:
+        c.stop()
