@@ -18,13 +18,13 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def client(address: str):
+    if os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"  # Ray's client sends the token only in token mode (read at import)
     from ray.job_submission import JobSubmissionClient
 
     from .launch import check_reachable
 
     check_reachable(address if "://" not in address else address.split("://", 1)[1])
-    if os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_MODE"):
-        os.environ["RAY_AUTH_MODE"] = "token"  # Ray's client sends the token only in token mode
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - turn Ray's many failure types into one line
