@@ -103,6 +103,7 @@ class TrainConfig(Section):
     sync_every: int = Field(20, gt=0)  # steps between the coordinator's reductions
     target_recon_loss: Optional[float] = None  # stop once the reduced reconstruction loss is below
     amp: bool = False  # bf16 autocast, GPU only
+    compile: bool = False  # torch.compile each network's forward
     threads: Optional[int] = Field(None, gt=0)  # torch threads per worker
     image_every: int = Field(500, gt=0)
     nan_policy: Literal["skip", "stop"] = "stop"

@@ -52,6 +52,9 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
         self.plain = {n: m.to(self.device) for n, m in build_networks(cfg.model, shape, self.num_classes).items()}
+        if cfg.train.compile:
+            for m in self.plain.values():  # compile forward only: state_dict keys stay plain
+                m.forward = torch.compile(m.forward)
         self.comm = CommStats()
         if distributed():
             self.wrapped = {n: wrap(m, self.device) for n, m in self.plain.items()}
