@@ -182,6 +182,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import time
+
+    os.environ["AAE_DIST_T0"] = str(time.time())  # start-up and wall time are measured from here
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -104,6 +104,7 @@ class TrainConfig(Section):
     target_recon_loss: Optional[float] = None  # stop once the reduced reconstruction loss is below
     amp: bool = False  # bf16 autocast, GPU only
     compile: bool = False  # torch.compile each network's forward
+    grad_compression: Literal["none", "fp16", "bf16"] = "none"  # all-reduce gradients in half precision (halves the bytes)
     threads: Optional[int] = Field(None, gt=0)  # torch threads per worker
     image_every: int = Field(500, gt=0)
     nan_policy: Literal["skip", "stop"] = "stop"

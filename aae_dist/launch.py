@@ -107,7 +107,6 @@ def check_resume(run_url: str, cfg: Config) -> None:
 
 
 def train_from_cli(args) -> int:
-    os.environ.setdefault("AAE_DIST_T0", str(time.time()))
     cfg = resolve(args)
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
@@ -219,7 +218,7 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "t0": os.environ.get("AAE_DIST_T0", str(time.time()))},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},

@@ -45,3 +45,13 @@ def test_two_workers_exact_resume(tmp_path, make_dataset):
     whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
     assert split["resumed_from_step"] == 7
     assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+
+
+def test_bf16_gradient_compression_halves_the_bytes(tmp_path, make_dataset):
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.max_steps=6", "train.checkpoint_every=6"]
+    run_processes(load_config(None, base + ["train.grad_compression=bf16"]), str(tmp_path / "c"), world=2)
+    s = read_summary(tmp_path / "c")
+    cfg = load_config(None, base)
+    assert s["replicas_in_sync"]
+    assert s["communication_per_step"]["generator"]["bytes"] == param_bytes(cfg, (1, 4, 4), ["encoder"]) // 2

@@ -9,7 +9,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 
 class CommStats:
-    def __init__(self):
+    def __init__(self, compression: str = "none"):
+        self.compression = compression
         self.phase = "-"
         self.calls: dict[str, int] = defaultdict(int)
         self.bytes: dict[str, int] = defaultdict(int)
@@ -30,6 +31,10 @@ def _counting_allreduce(state, bucket):
     stats, name = state
     buf = bucket.buffer()
     stats.calls[stats.phase] += 1
-    stats.bytes[stats.phase] += buf.numel() * buf.element_size()
+    stats.bytes[stats.phase] += buf.numel() * (2 if stats.compression != "none" else buf.element_size())
     stats.networks[stats.phase].add(name)
+    if stats.compression == "bf16":
+        return default_hooks.bf16_compress_hook(dist.group.WORLD, bucket)
+    if stats.compression == "fp16":
+        return default_hooks.fp16_compress_hook(dist.group.WORLD, bucket)
     return default_hooks.allreduce_hook(dist.group.WORLD, bucket)

@@ -55,7 +55,7 @@ class Trainer:
         if cfg.train.compile:
             for m in self.plain.values():  # compile forward only: state_dict keys stay plain
                 m.forward = torch.compile(m.forward)
-        self.comm = CommStats()
+        self.comm = CommStats(cfg.train.grad_compression)
         if distributed():
             self.wrapped = {n: wrap(m, self.device) for n, m in self.plain.items()}
             for n, m in self.wrapped.items():
@@ -144,6 +144,7 @@ class Trainer:
             for x, y in self.train_data.iter_epoch(epoch, skip=skip):
                 if t_first is None:
                     t_first = time.perf_counter()
+                    self.startup_s = time.time() - float(os.environ.get("AAE_DIST_T0", time.time()))
                 x = self.to_device(x)
                 means = self.train_step(x, y.to(self.device, non_blocking=True))
                 bar.update(1)
@@ -287,6 +288,7 @@ class Trainer:
             "samples_per_s": samples_per_s,
             "wall_s": time.time() - float(os.environ.get("AAE_DIST_T0", time.time())),
             "train_s": train_s,
+            "startup_s": getattr(self, "startup_s", None),  # process start (driver) to first step
             "metrics": metrics,
             "world_size": self.world,
             "device": str(self.device),
@@ -322,6 +324,7 @@ class Trainer:
 def train_worker(payload: dict) -> None:
     """Ray Train's train_loop_per_worker: payload = {"config": dict, "run_url": str}."""
     cfg = Config.model_validate(payload["config"])
+    os.environ["AAE_DIST_T0"] = payload.get("t0", str(time.time()))  # the driver's start, for startup_s / wall_s
     session = RaySession(payload["run_url"], cfg.train.keep_checkpoints)
     Trainer(cfg, session).fit()
 
