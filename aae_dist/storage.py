@@ -51,7 +51,7 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)):
         return False
     name = type(exc).__name__
-    return isinstance(exc, TRANSIENT) or any(k in name for k in ("Connection", "Timeout", "Endpoint", "ClientError", "ServerError"))
+    return isinstance(exc, TRANSIENT) or any(k in name for k in ("Connection", "Timeout", "Endpoint", "ServerError", "Throttl", "SlowDown"))
 
 
 def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None = None, base_delay: float = 0.5) -> T:

@@ -102,7 +102,7 @@ class LocalCluster:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 10
+        deadline = time.time() + 3  # then SIGKILL the group: a graceful Ray shutdown takes 30+ s
         for p in self.procs:
             try:
                 p.wait(max(0.1, deadline - time.time()))

@@ -22,10 +22,15 @@ from raycluster import LocalCluster
 pytestmark = pytest.mark.ray
 
 
+FAULT_MARKER = f"/tmp/aae-fault-{os.getpid()}"
+
+
 @pytest.fixture(scope="module")
 def cluster(s3_server):
     bin_dir = os.path.dirname(sys.executable)
-    c = LocalCluster({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")})
+    # run "kill": rank 0 dies (SIGKILL) halfway through writing its step-10 checkpoint
+    c = LocalCluster({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                      "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}"})
     try:
         c.start_head(1, {"head_node": 1})
         c.add_node(1, {"worker_node": 1})
@@ -90,27 +95,82 @@ def test_submit_two_workers_on_two_nodes(cluster, s3_server, s3_data):
     assert job_id in listed.stdout
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(cluster, s3_server, s3_data):
+def ray_checkpoint_steps(s3_server, run):
+    return sorted(s3_json(s3_server, k)["step"] for k in s3_keys(s3_server, f"cluster/runs/{run}/")
+                  if "/checkpoint_" in k and k.endswith("meta.json"))
+
+
+def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_data):
+    """Kill 1: rank 0 SIGKILLs itself while writing the step-10 checkpoint (fault injection).
+    Kill 2: the test SIGKILLs a worker by pid once a later checkpoint exists.  The run finishes,
+    counts every step once, and the half-written checkpoint is never resumed from."""
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "kill",
             *sets(f"data.path={s3_data}", "train.max_steps=40", "train.checkpoint_every=5", "run.placement=SPREAD", "data.batch_size=25")]
     env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 200
-        while time.time() < deadline and not any("/checkpoint_" in k and k.endswith("meta.json") for k in s3_keys(s3_server, "cluster/runs/kill/")):
+        deadline = time.time() + 300
+        while time.time() < deadline and not os.path.exists(FAULT_MARKER):
+            time.sleep(0.5)
+        assert os.path.exists(FAULT_MARKER), "the injected fault did not fire"
+        while time.time() < deadline and not [s for s in ray_checkpoint_steps(s3_server, "kill") if s >= 15]:
             time.sleep(0.5)
         pids = cluster.worker_pids()
         assert len(pids) == 2, pids
         os.kill(pids[1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if os.path.exists(FAULT_MARKER):
+            os.remove(FAULT_MARKER)
     assert proc.returncode == 0, out[-3000:]
     s = s3_json(s3_server, "cluster/runs/kill/summary.json")
     assert s["steps"] == 40 and s["replicas_in_sync"]  # each step counted once
-    assert s["resumed_from_step"] is not None and s["resumed_from_step"] >= 5 and s["resumed_from_step"] % 5 == 0
+    assert s["resumed_from_step"] is not None and s["resumed_from_step"] >= 15 and s["resumed_from_step"] % 5 == 0
+
+
+def test_sigterm_to_a_ray_driver_checkpoints_on_every_rank(cluster, s3_server, s3_data):
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "term",
+            *sets(f"data.path={s3_data}", "train.epochs=1000", "train.checkpoint_every=7", "run.placement=SPREAD", "data.batch_size=25")]
+    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and not ray_checkpoint_steps(s3_server, "term"):
+            time.sleep(0.5)  # a first checkpoint: training is under way
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    s = s3_json(s3_server, "cluster/runs/term/summary.json")
+    assert s["stop_reason"] == "interrupted" and s["replicas_in_sync"] and s["steps"] in ray_checkpoint_steps(s3_server, "term")
+    assert s["steps"] % 5 == 0  # a sync step: the same on both ranks
+    assert "STOP" not in [k.rsplit("/", 1)[-1] for k in s3_keys(s3_server, "cluster/runs/term/")]
+    # --resume through Ray (Ray Train finds the run by name and storage) continues from that checkpoint
+    stopped = s["steps"]
+    again = cli("train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "term", "--resume",
+                *sets(f"data.path={s3_data}", f"train.max_steps={stopped + 5}", "train.checkpoint_every=7", "run.placement=SPREAD",
+                      "data.batch_size=25"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    s2 = s3_json(s3_server, "cluster/runs/term/summary.json")
+    assert s2["resumed_from_step"] == stopped and s2["steps"] == stopped + 5 and s2["replicas_in_sync"]
+
+
+def test_generate_spread_over_ray_tasks(cluster, s3_server):
+    out = f"s3://{s3_server['bucket']}/cluster/generated"
+    proc = cli("generate", f"s3://{s3_server['bucket']}/cluster/runs/twonode", "--n", "300", "--shard-size", "100", "--out", out,
+               "--workers", "2", "--address", cluster.address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from aae_dist.data import read_manifest
+
+    m = read_manifest(out)
+    assert [s.count for s in m.splits["train"].shards] == [100, 100, 100]
+    assert cli("verify", out).returncode == 0
 
 
 def test_local_storage_refused_on_two_nodes(cluster, tmp_path, s3_data):

@@ -55,3 +55,16 @@ def test_bf16_gradient_compression_halves_the_bytes(tmp_path, make_dataset):
     cfg = load_config(None, base)
     assert s["replicas_in_sync"]
     assert s["communication_per_step"]["generator"]["bytes"] == param_bytes(cfg, (1, 4, 4), ["encoder"]) // 2
+
+
+def test_resume_on_a_different_world_size_repartitions_the_epoch(tmp_path, make_dataset):
+    """Elastic resize: a checkpoint from 2 workers resumed by 1 continues the same epoch where the
+    samples consumed so far end, with the data re-partitioned over the new group."""
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6", "train.epochs=1"]
+    run_processes(load_config(None, base + ["train.max_steps=6"]), str(tmp_path / "e"), world=2)  # 6 x 2 x 50 = 600 samples
+    first = read_summary(tmp_path / "e")
+    assert first["epochs"] == 0.6
+    run_processes(load_config(None, base), str(tmp_path / "e"), world=1)  # 1 worker: batch 12 of 20, 8 steps to go
+    s = read_summary(tmp_path / "e")
+    assert s["resumed_from_step"] == 6 and s["steps"] == 14 and s["epochs"] == 1.0 and s["world_size"] == 1

@@ -18,8 +18,11 @@ from .phases import Phase
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None):
+    def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None,
+                 world_size: int = 1):
         self.cfg, self.phases, self.steps_per_epoch = cfg, phases, steps_per_epoch
+        self.world_size = world_size
+        self._epoch, self._batch = 0, 0  # data position, kept explicitly so it survives a change of world size
         self.sync_every = cfg.train.sync_every
         self.slots: dict[str, int] = {}
         for ph in phases:
@@ -41,21 +44,28 @@ class Coordinator:
     # ---- schedule -----------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        return self.step // self.steps_per_epoch
+        return self._epoch
 
     @property
     def batch_in_epoch(self) -> int:
-        return self.step % self.steps_per_epoch
+        return self._batch
+
+    @property
+    def epochs_done(self) -> float:
+        return self._epoch + self._batch / self.steps_per_epoch
 
     def phases_now(self) -> list[Phase]:
         return [ph for ph in self.phases if ph.runs_at(self.step) and not self.skip.get(ph.name, False)]
 
     def total_steps(self) -> int:
-        total = self.cfg.train.epochs * self.steps_per_epoch
+        remaining = (self.cfg.train.epochs - self._epoch) * self.steps_per_epoch - self._batch
+        total = self.step + max(0, remaining)
         return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
 
     def done(self) -> bool:
-        return self.stop_reason is not None or self.step >= self.total_steps()
+        max_steps = self.cfg.train.max_steps
+        return (self.stop_reason is not None or self._epoch >= self.cfg.train.epochs
+                or (max_steps is not None and self.step >= max_steps))
 
     # ---- statistics (no host sync) -----------------------------------------------------------
     def record(self, phase: Phase, stats: dict[str, torch.Tensor]) -> None:
@@ -72,6 +82,9 @@ class Coordinator:
     def end_step(self) -> dict[str, float] | None:
         """Advance; on sync steps reduce the statistics and decide. Returns the reduced means then."""
         self.step += 1
+        self._batch += 1
+        if self._batch >= self.steps_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
         ckpt = self.step % self.cfg.train.checkpoint_every == 0  # empty buffer at checkpoints: exact resume
         if self.step % self.sync_every and not ckpt and not self.done():
             return None
@@ -115,6 +128,10 @@ class Coordinator:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "world_size": self.world_size,
+            "batch_size": self.cfg.data.batch_size,
             "skip": dict(self.skip),
             "stop_reason": self.stop_reason,
             "nonfinite_steps": self.nonfinite_steps,
@@ -124,6 +141,11 @@ class Coordinator:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        old = int(state["world_size"]) * int(state["batch_size"])
+        new = self.world_size * self.cfg.data.batch_size
+        if old != new:  # elastic resize: same samples consumed in this epoch, re-partitioned over the new group
+            self._batch = min(self._batch * old // new, self.steps_per_epoch - 1)
         self.skip = {str(k): bool(v) for k, v in state["skip"].items()}
         self.stop_reason = None if state["stop_reason"] == "interrupted" else state["stop_reason"]
         self.nonfinite_steps = int(state["nonfinite_steps"])

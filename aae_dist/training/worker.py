@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..evaluation import Evaluator
 from ..models import build_networks, build_prior
 from ..models.latents import sample_latents
-from . import checkpoint
+from . import checkpoint, faults
 from .comm import CommStats
 from .coordinator import Coordinator
 from .distributed import distributed, wrap
@@ -68,7 +68,7 @@ class Trainer:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
         self.ctx = StepContext(self.wrapped, self.plain, self.prior, self.generator, self.output, cfg, self.num_classes, labelled)
         probe = session.stop_requested if self.rank == 0 else None
-        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe)
+        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world)
         for ph in self.phases:
             make_optimizer(ph, self.plain, self.coord.total_steps())
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
@@ -188,6 +188,7 @@ class Trainer:
                     "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": self.num_classes,
                     "output": self.output}
             checkpoint.write_local(folder, state, meta)
+            faults.maybe_die_writing_checkpoint(self.cfg.run.name, coord.step)
         try:
             self.session.report(report, folder)
         finally:
@@ -284,7 +285,7 @@ class Trainer:
         coord = self.coord
         summary = {
             "steps": coord.step,
-            "epochs": coord.step / coord.steps_per_epoch,
+            "epochs": coord.epochs_done,
             "samples_per_s": samples_per_s,
             "wall_s": time.time() - float(os.environ.get("AAE_DIST_T0", time.time())),
             "train_s": train_s,
