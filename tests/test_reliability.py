@@ -42,7 +42,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, make_dataset):
     ckpts = [p.name for p in run.iterdir() if p.name.startswith("checkpoint_")]
     assert f"checkpoint_step_{s['steps']:09d}" in ckpts
     stopped = s["steps"]
-    assert main(train_argv(tmp_path, data, f"train.max_steps={stopped + 10}", "train.checkpoint_every=100000", "train.progress=false",
+    assert main(train_argv(tmp_path, data, "train.epochs=100000", f"train.max_steps={stopped + 10}", "train.checkpoint_every=100000",
                            extra=["--resume"])) == 0
     s2 = read_summary(run)
     assert s2["resumed_from_step"] == stopped and s2["steps"] == stopped + 10 and s2["stop_reason"] == "max_steps"

@@ -26,11 +26,10 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_url: str, thre
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        cfg = Config.model_validate(cfg_dict)
-        Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world)).fit()
-    finally:
-        dist.destroy_process_group()
+    cfg = Config.model_validate(cfg_dict)
+    Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world)).fit()
+    dist.barrier()  # rank 0 may still be writing the summary: leave the group together
+    dist.destroy_process_group()
 
 
 def run_processes(cfg: Config, run_url: str, world: int, threads: int = 1) -> None:
