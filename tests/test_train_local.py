@@ -129,3 +129,16 @@ def test_phase_weight_zero_freezes_what_only_that_phase_trains(tmp_path, make_da
             break
     assert all(torch.equal(a, b) for a, b in zip(before, t.plain["discriminator"].parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(enc_before, t.plain["encoder"].parameters()))
+
+
+def test_bf16_autocast_is_a_gpu_only_flag(tmp_path, make_dataset):
+    from aae_dist.config import load_config
+    from aae_dist.training.session import LocalSession
+    from aae_dist.training.worker import Trainer
+
+    data, _, _ = make_dataset(300, 100)
+    t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", "train.amp=true"]), LocalSession(str(tmp_path / "a"), 1))
+    assert t.device.type == "cpu" and t.amp is False  # on CPU the flag is ignored: fp32
+    x, y = next(iter(t.train_data.iter_epoch(0)))
+    t.train_step(t.to_device(x), y)
+    assert all(p.dtype == __import__("torch").float32 for p in t.plain["encoder"].parameters())
