@@ -149,7 +149,7 @@ def test_sigterm_to_a_ray_driver_checkpoints_on_every_rank(cluster, s3_server, s
     assert proc.returncode == 130, err[-3000:]
     s = s3_json(s3_server, "cluster/runs/term/summary.json")
     assert s["stop_reason"] == "interrupted" and s["replicas_in_sync"] and s["steps"] in ray_checkpoint_steps(s3_server, "term")
-    assert s["steps"] % 5 == 0  # a sync step: the same on both ranks
+    assert s["steps"] % 5 == 0 or s["steps"] % 7 == 0  # a sync step (every 5, and at checkpoints): the same on both ranks
     assert "STOP" not in [k.rsplit("/", 1)[-1] for k in s3_keys(s3_server, "cluster/runs/term/")]
     # --resume through Ray (Ray Train finds the run by name and storage) continues from that checkpoint
     stopped = s["steps"]

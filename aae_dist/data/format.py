@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,10 +151,26 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython's AST constructor is not safe to run
+# in several threads at once ("AST constructor recursion depth mismatch"): headers are parsed one
+# at a time; the (large) body is then viewed in place with frombuffer.
+_HEADER_LOCK = threading.Lock()
+
+
 def decode_npy(data: bytes, url: str, expect_dtype, expect_shape: tuple, count: int) -> np.ndarray:
     """Parse whole-file `.npy` bytes without pickle, checking dtype, shape and count."""
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        f = io.BytesIO(data)
+        with _HEADER_LOCK:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+        if fortran or dtype.hasobject:
+            raise ValueError("Fortran-ordered or object arrays are not shard data")
+        n = int(np.prod(shape, dtype=np.int64))
+        if len(data) - f.tell() != n * dtype.itemsize:
+            raise ValueError(f"body is {len(data) - f.tell()} bytes, header promises {n * dtype.itemsize}")
+        arr = np.frombuffer(data, dtype=dtype, count=n, offset=f.tell()).reshape(shape)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt shard
         raise UserError(f"corrupt shard {storage.redact(url)}: {type(exc).__name__}: {exc} (re-shard the dataset)") from None
     check_array(arr, url, expect_dtype, expect_shape, count)
