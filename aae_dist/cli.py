@@ -38,7 +38,7 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from .launch import train_from_cli
 
-    return train_from_cli(args)
+    return train_from_cli(args, started_at=args.started_at)
 
 
 def cmd_eval(args) -> int:
@@ -182,12 +182,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
     import time
 
-    os.environ["AAE_DIST_T0"] = str(time.time())  # start-up and wall time are measured from here
+    started_at = time.time()  # start-up and wall time are measured from here
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started_at = started_at
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

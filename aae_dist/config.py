@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .variants import NAMES as VARIANTS
 
 PosInt = Field(gt=0)
 
@@ -28,22 +29,26 @@ class DataConfig(Section):
     eval_split: str = "test"
 
 
-VARIANTS = ("basic", "label_regularized", "supervised", "semi_supervised", "clustering", "dim_reduction")
+
+
+def arch(default, **kw):
+    """A model field the weights depend on: a checkpoint only resumes into a config that agrees on all of them."""
+    return Field(default, json_schema_extra={"architecture": True}, **kw)
 
 
 class ModelConfig(Section):
-    variant: Literal[VARIANTS] = "basic"  # the paper's AAE variants (Sec. 2-7)
-    regularizer: Literal["adversarial", "kl"] = "adversarial"  # kl: the VAE baseline (gaussian posterior)
-    num_classes: Optional[int] = Field(None, gt=1)  # K of the categorical y; default: the dataset's classes
+    variant: Literal[VARIANTS] = arch("basic")  # the paper's AAE variants (Sec. 2-7), see aae_dist/variants.py
+    regularizer: Literal["adversarial", "kl"] = arch("adversarial")  # kl: the VAE baseline (gaussian posterior)
+    num_classes: Optional[int] = arch(None, gt=1)  # K of the categorical y; default: the dataset's classes
     cluster_head_distance: float = Field(2.0, ge=0)  # dim_reduction: cluster heads closer than this are pushed apart
     cluster_head_weight: float = Field(1.0, ge=0)
-    kind: Literal["mlp", "conv"] = "mlp"
-    hidden: list[int] = [1000, 1000]
-    disc_hidden: list[int] = [1000, 1000]
-    latent_dim: int = Field(8, gt=0)
-    posterior: Literal["deterministic", "gaussian", "universal"] = "deterministic"
-    noise_dim: int = Field(16, gt=0)  # universal approximator: noise concatenated to the input
-    conv_channels: list[int] = [32, 64]
+    kind: Literal["mlp", "conv"] = arch("mlp")
+    hidden: list[int] = arch([1000, 1000])
+    disc_hidden: list[int] = arch([1000, 1000])
+    latent_dim: int = arch(8, gt=0)
+    posterior: Literal["deterministic", "gaussian", "universal"] = arch("deterministic")
+    noise_dim: int = arch(16, gt=0)  # universal approximator: noise concatenated to the input
+    conv_channels: list[int] = arch([32, 64])
     output: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli (sigmoid+BCE) for uint8 pixels
 
     @field_validator("hidden", "disc_hidden", "conv_channels")
@@ -52,6 +57,15 @@ class ModelConfig(Section):
         if not v or any(int(h) <= 0 for h in v):
             raise ValueError("needs one or more positive layer sizes")
         return v
+
+    @classmethod
+    def architecture_keys(cls) -> tuple[str, ...]:
+        return tuple(k for k, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("architecture"))
+
+    def architecture(self) -> dict:
+        """The settings a checkpoint's weights depend on (the fields declared with `arch`)."""
+        d = self.model_dump(mode="json")
+        return {k: d[k] for k in self.architecture_keys()}
 
 
 class PriorConfig(Section):
@@ -115,13 +129,40 @@ class TrainConfig(Section):
 class RunSection(Section):
     name: str = ""  # empty: aae-YYYYmmdd-HHMMSS
     storage: str = "runs"
-    workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray
+    workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray; parsed once into `worker_range`
     gpu: bool = False
     address: Optional[str] = None
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # where Ray puts the workers
     resources_per_worker: dict[str, float] = {}  # extra Ray resources each worker asks for (e.g. {"worker_node": 1})
     shared_storage: bool = False  # a local --storage path that is a mount shared by every node
     cpus_per_worker: Optional[int] = Field(None, gt=0)  # default: local Ray shares this machine's cores; a cluster gives 1
+    _range: tuple[int, int] = PrivateAttr((1, 1))
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_text(cls, v):
+        return str(v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _parse_workers(self):
+        lo, sep, hi = self.workers.partition(":")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"--workers {self.workers!r}: expected N or MIN:MAX, e.g. --workers 2") from None
+        if a < 0 or b < a or (sep and a == 0):
+            raise ValueError(f"--workers {self.workers!r}: need 0 <= MIN <= MAX (0 = in-process)")
+        self._range = (a, b)
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; max 0 = in-process without Ray."""
+        return self._range
+
+    @property
+    def uses_ray(self) -> bool:
+        return self._range[1] > 0
 
 
 class Config(Section):
@@ -150,6 +191,8 @@ def _explain(exc: ValidationError, origin: str) -> UserError:
     if err["type"] == "extra_forbidden":
         return UserError(f"unknown config key '{key}' in {origin}: check the spelling (see jobs/*.yaml for valid keys)")
     value = err.get("input")
+    if err["type"] == "value_error" and isinstance(value, dict):  # a check across a section's keys
+        return UserError(f"{err['msg'].removeprefix('Value error, ')} (in {origin})")
     return UserError(f"bad value for config key '{key}' in {origin}: {err['msg']} (got {value!r})")
 
 
@@ -161,6 +204,14 @@ def _set_path(doc: dict, dotted: str, value, origin: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"config key '{dotted}' in {origin}: '{p}' is a value, not a section")
     node[parts[-1]] = value
+
+
+def set_value(section: Section, key: str, value, origin: str) -> None:
+    """Assign one checked value (e.g. from a command-line flag); a bad one is a UserError."""
+    try:
+        setattr(section, key, value)
+    except ValidationError as exc:
+        raise _explain(exc, origin) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:

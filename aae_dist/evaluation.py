@@ -8,34 +8,25 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from . import seeds
 from .config import Config
 from .data import ShardStream
-from .models.latents import sample_latents
-from .training.distributed import distributed
-from .training.phases import reconstruction_error
+from .distributed import all_reduce_ as _allreduce
+from .models import AAE
 
 PARZEN_SIGMAS = np.logspace(np.log10(0.05), np.log10(1.0), 20)
 
 
-def _allreduce(t: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        dist.all_reduce(t)
-    return t
-
-
 class Evaluator:
-    def __init__(self, cfg: Config, nets: dict, prior, num_classes: int, output: str, manifest, device, scale: float,
-                 rank: int = 0, world: int = 1, data_path: str | None = None):
-        self.cfg, self.nets, self.prior, self.k, self.output = cfg, nets, prior, num_classes, output
-        self.manifest, self.device, self.scale, self.rank, self.world = manifest, device, scale, rank, world
+    def __init__(self, cfg: Config, aae: AAE, manifest, rank: int = 0, world: int = 1, data_path: str | None = None):
+        self.cfg, self.aae, self.nets, self.prior, self.k = cfg, aae, aae.nets, aae.prior, aae.num_classes
+        self.manifest, self.device, self.rank, self.world = manifest, aae.device, rank, world
         self.path = data_path or cfg.data.path
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=self.device)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device)
-        return x.float().div_(self.scale) if self.scale != 1.0 else x.float()
+        return self.aae.normalise(x)
 
     def stream(self, split: str, world: int | None = None, rank: int | None = None) -> ShardStream:
         world = self.world if world is None else world
@@ -44,7 +35,7 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, split: str) -> dict:
-        self.generator.manual_seed(self.cfg.train.seed + 12345)
+        self.generator.manual_seed(seeds.evaluation(self.cfg.train.seed))
         enc, dec = self.nets["encoder"], self.nets["decoder"]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # recon*n, n, wrong, labelled
         codes = []
@@ -52,8 +43,7 @@ class Evaluator:
             x, y = self.to_device(x), y.to(self.device)
             c = enc(x, generator=self.generator)
             z = c.mu if c.mu is not None else c.z
-            ydec = torch.nn.functional.one_hot(y.clamp_min(0), self.k).float() if self.cfg.model.variant == "supervised" else c.y
-            sums[0] += reconstruction_error(self.output, dec(z, ydec), x).double() * len(x)
+            sums[0] += self.aae.reconstruction_error(dec(z, self.aae.decoder_y(c, y)), x).double() * len(x)
             sums[1] += len(x)
             if c.y_logits is not None and (y >= 0).any():
                 known = y >= 0
@@ -63,9 +53,10 @@ class Evaluator:
                 codes.append(c.z.float())
         _allreduce(sums)
         out = {"recon_loss": float(sums[0] / sums[1])}
-        if self.cfg.model.variant == "semi_supervised" and sums[3] > 0:
+        wanted = self.aae.variant.metrics
+        if "classify_error" in wanted and sums[3] > 0:
             out["classify_error"] = float(sums[2] / sums[3])
-        if self.cfg.model.variant in ("clustering", "dim_reduction") and self.manifest.labels:
+        if "cluster_error" in wanted and self.manifest.labels:
             out["cluster_error"] = self.cluster_error(split)
         if self.cfg.model.regularizer == "adversarial" or self.cfg.model.posterior == "gaussian":
             out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])
@@ -108,15 +99,12 @@ class Evaluator:
     def parzen(self, split: str) -> tuple[float, float, float]:
         """Log-likelihood (nats) of the split under a Gaussian Parzen window on decoded prior samples;
         sigma maximises the likelihood of a validation part of the training split (paper Table 1)."""
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 777)  # same samples on every rank
-        dec = self.nets["decoder"]
+        g = torch.Generator(device=self.device).manual_seed(seeds.parzen(self.cfg.train.seed))  # same samples on every rank
         means = []
         remaining = self.cfg.train.parzen_samples
         while remaining > 0:
             n = min(2000, remaining)
-            z, y = sample_latents(self.cfg.model, self.prior, self.k, n, g, self.device)
-            out = dec(z, y)
-            means.append((torch.sigmoid(out) if self.output == "bernoulli" else out).flatten(1).double())
+            means.append(self.aae.sample(n, g).flatten(1).double())
             remaining -= n
         mu = torch.cat(means)
         val = torch.cat([self.to_device(x).flatten(1).double() for x, _ in self.stream("train", world=1, rank=0).iter_epoch(0)])[:1000]

@@ -4,63 +4,28 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from . import storage
+from . import checkpoint, seeds, storage
 from .config import Config
 from .errors import UserError
-from .models import build_networks, build_prior
-from .models.latents import sample_latents
-from .training import checkpoint
+from .models import AAE
 
 
-@dataclass
-class Model:
-    cfg: Config
-    nets: dict
-    prior: object
-    num_classes: int
-    output: str
-    shape: tuple
-    dtype: str
-
-    @property
-    def scale(self) -> float:
-        return 255.0 if self.dtype == "uint8" else 1.0
-
-    def decode(self, z, y) -> torch.Tensor:
-        out = self.nets["decoder"](z, y)
-        return torch.sigmoid(out) if self.output == "bernoulli" else out
-
-
-def resolve_checkpoint(ref: str) -> str:
-    """A checkpoint folder as given, or the latest complete checkpoint of a run folder."""
-    if storage.exists(storage.join(ref, checkpoint.META)):
-        return ref
-    latest = checkpoint.latest_in_run(ref)
-    if latest is None:
-        raise UserError(f"no checkpoint at {storage.redact(ref)}: pass a run folder (STORAGE/NAME) or a checkpoint_* folder")
-    return latest
-
-
-def load_model(ref: str) -> Model:
-    local = checkpoint.fetch(resolve_checkpoint(ref))
-    try:
-        state, meta = checkpoint.read_local(local)
-    finally:
-        checkpoint.remove_local(local)
+def load_run(ref: str) -> tuple[Config, AAE]:
+    """The config and AAE of a run's latest checkpoint (or of a checkpoint folder), in eval mode on the CPU."""
+    state, meta = checkpoint.load(ref)
     if "config" not in meta:
         raise UserError(f"checkpoint {storage.redact(ref)} has no config (written by an older aae-dist): re-train")
     cfg = Config.model_validate(meta["config"])
-    nets = build_networks(cfg.model, tuple(meta["shape"]), int(meta["num_classes"]))
-    for n, m in nets.items():
-        m.load_state_dict(state["models"][n])
-        m.eval()
-    return Model(cfg, nets, build_prior(cfg.prior, cfg.model.latent_dim), int(meta["num_classes"]), meta["output"],
-                 tuple(meta["shape"]), meta["dtype"])
+    aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]))
+    aae.load_state_dict(state["models"])
+    return cfg, aae.eval()
+
+
+def load_model(ref: str) -> AAE:
+    return load_run(ref)[1]
 
 
 # ---- eval --------------------------------------------------------------------------------------
@@ -69,13 +34,12 @@ def evaluate(ref: str, data: str | None, split: str) -> dict:
     from .data import read_manifest
     from .evaluation import Evaluator
 
-    model = load_model(ref)
-    path = data or model.cfg.data.path
+    cfg, model = load_run(ref)
+    path = data or cfg.data.path
     manifest = read_manifest(path)
     if tuple(manifest.shape) != model.shape:
         raise UserError(f"dataset {storage.redact(path)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
-    ev = Evaluator(model.cfg, model.nets, model.prior, model.num_classes, model.output, manifest, torch.device("cpu"),
-                   model.scale, data_path=path)
+    ev = Evaluator(cfg, model, manifest, data_path=path)
     manifest.split(split, path)
     return ev.run(split)
 
@@ -86,7 +50,7 @@ def evaluate(ref: str, data: str | None, split: str) -> dict:
 def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolate: bool = False, seed: int = 0) -> str:
     from PIL import Image
 
-    from .training.metrics import image_grid
+    from .plots import image_grid
 
     if n <= 0:
         raise UserError(f"--n must be positive, got {n}")
@@ -97,7 +61,7 @@ def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolat
         if not model.num_classes or not 0 <= label < model.num_classes:
             raise UserError(f"--label {label}: this model has {model.num_classes or 'no'} classes")
         labels = torch.full((n,), label, dtype=torch.long)
-    z, y = sample_latents(model.cfg.model, model.prior, model.num_classes, n, g, "cpu", labels=labels)
+    z, y = model.sample_latents(n, g, labels=labels)
     if interpolate:  # walk in a straight line between two codes
         t = torch.linspace(0, 1, n)[:, None]
         z = (1 - t) * z[:1] + t * z[-1:]
@@ -106,8 +70,7 @@ def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolat
     imgs = model.decode(z, y).float().numpy()
     if len(model.shape) != 3:
         raise UserError(f"sample needs image data (C, H, W); this model's samples are {model.shape}")
-    lo, hi = (0.0, 1.0) if model.output == "bernoulli" else (imgs.min(), imgs.max())
-    grid = image_grid(np.clip((imgs - lo) / max(hi - lo, 1e-9), 0, 1), cols=n if interpolate else int(np.ceil(np.sqrt(n))))
+    grid = image_grid(model.displayable(imgs), cols=n if interpolate else int(np.ceil(np.sqrt(n))))
     arr = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
@@ -131,8 +94,7 @@ def _encode_shard(job: tuple) -> int:
     stream = ShardStream(data, split, 1, shuffle=False, manifest=manifest)
     x, y = stream.read_segment(Segment(shard, 0, shard.count))
     with torch.no_grad():
-        xt = torch.from_numpy(np.asarray(x)).float() / model.scale
-        c = model.nets["encoder"](xt, generator=torch.Generator().manual_seed(shard_index))
+        c = model.encode(model.normalise(torch.from_numpy(np.array(x))), torch.Generator().manual_seed(shard_index))
         z = (c.mu if c.mu is not None else c.z).numpy().astype(np.float32)
     cols = {"split": pa.array([split] * len(z)), "shard": pa.array([shard.name] * len(z)), "index": pa.array(np.arange(len(z))),
             "label": pa.array(np.asarray(y)), "z": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])}
@@ -163,13 +125,12 @@ def _generate_chunk(job: tuple) -> dict:
     from .data.writer import write_shard
 
     model = load_model(ref)
-    g = torch.Generator().manual_seed(seed * 100_003 + index)
+    g = torch.Generator().manual_seed(seeds.generate_chunk(seed, index))
     with torch.no_grad():
         labels = None
-        if model.num_classes and model.cfg.model.variant != "basic":
+        if model.num_classes and model.variant.needs_classes:
             labels = torch.randint(0, model.num_classes, (count,), generator=g)
-        z, y = sample_latents(model.cfg.model, model.prior, model.num_classes, count, g, "cpu", labels=labels)
-        x = model.decode(z, y).float().numpy()
+        x = model.sample(count, g, labels=labels).float().numpy()
     if model.dtype == "uint8":
         x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
     else:

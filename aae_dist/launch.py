@@ -8,8 +8,10 @@ import sys
 import time
 
 from . import storage
-from .config import Config, load_config
+from .config import Config, load_config, set_value
 from .errors import UserError
+from .ray_connect import connect_ray
+from .variants import variant
 
 DEFAULT_DATA_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "aae-dist", "digits")
 
@@ -27,24 +29,13 @@ def ensure_default_data(cache: str = DEFAULT_DATA_CACHE) -> str:
     return cache
 
 
-def parse_workers(spec: str) -> tuple[int, int]:
-    lo, sep, hi = str(spec).partition(":")
-    try:
-        a, b = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-        raise UserError(f"--workers {spec!r}: expected N or MIN:MAX, e.g. --workers 2") from None
-    if a < 0 or b < a or (sep and a == 0):
-        raise UserError(f"--workers {spec!r}: need 0 <= MIN <= MAX (0 = in-process) ")
-    return a, b
-
-
 def resolve(args) -> Config:
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
     run = cfg.run
-    for flag, key in (("workers", "workers"), ("storage", "storage"), ("name", "name"), ("address", "address")):
+    for flag in ("workers", "storage", "name", "address"):
         value = getattr(args, flag, None)
         if value is not None:
-            setattr(run, key, str(value))
+            set_value(run, flag, str(value), f"--{flag}")
     if getattr(args, "gpu", False):
         run.gpu = True
     if not run.name:
@@ -57,7 +48,7 @@ def preflight(cfg: Config) -> None:
     from .data.format import read_manifest
     from .models.priors import build_prior
 
-    lo, hi = parse_workers(cfg.run.workers)
+    hi = cfg.run.worker_range[1]
     build_prior(cfg.prior, cfg.model.latent_dim)
     if cfg.run.gpu:
         import torch
@@ -74,14 +65,13 @@ def preflight(cfg: Config) -> None:
         )
     if cfg.data.labeled_per_class and not m.labels:
         raise UserError(f"data.labeled_per_class needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
-    if cfg.model.variant in ("supervised", "label_regularized", "semi_supervised") and not m.labels:
+    row = variant(cfg.model.variant)
+    if row.needs_labels and not m.labels:
         raise UserError(f"model.variant={cfg.model.variant} needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
-    if cfg.model.variant == "label_regularized" and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != (cfg.model.num_classes or m.num_classes):
-        raise UserError(f"model.variant=label_regularized: prior.components={cfg.prior.components} must equal the {cfg.model.num_classes or m.num_classes} classes")
     k = cfg.model.num_classes or m.num_classes
-    uses_labels = cfg.model.variant in ("supervised", "label_regularized", "semi_supervised") or (
-        cfg.model.variant == "dim_reduction" and cfg.data.labeled_per_class)
-    if uses_labels and k < m.num_classes:
+    if row.label_tag and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != k:
+        raise UserError(f"model.variant={cfg.model.variant}: prior.components={cfg.prior.components} must equal the {k} classes")
+    if row.uses_labels(cfg.data.labeled_per_class) and k < m.num_classes:
         raise UserError(f"model.num_classes={k} is fewer than the {m.num_classes} classes of {storage.redact(cfg.data.path)}: raise it or drop it")
     from .models.networks import build_networks
 
@@ -90,14 +80,14 @@ def preflight(cfg: Config) -> None:
 
 def run_exists(run_url: str) -> bool:
     """A run exists once it has a checkpoint or a summary (a config.json alone is a start that failed)."""
-    from .training.checkpoint import PREFIX
+    from .checkpoint import PREFIX
 
     return any(n.startswith(PREFIX) or n == "summary.json" for n in storage.listdir(run_url))
 
 
 def check_resume(run_url: str, cfg: Config) -> None:
     """Refuse, before anything is written, to resume with a config the checkpoint's weights do not fit."""
-    from .training import checkpoint
+    from . import checkpoint
 
     found = checkpoint.listing(run_url)
     if not found:
@@ -106,7 +96,8 @@ def check_resume(run_url: str, cfg: Config) -> None:
     checkpoint.check_architecture(meta, cfg.to_dict())
 
 
-def train_from_cli(args) -> int:
+def train_from_cli(args, started_at: float | None = None) -> int:
+    started_at = time.time() if started_at is None else started_at
     cfg = resolve(args)
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
@@ -125,16 +116,16 @@ def train_from_cli(args) -> int:
     preflight(cfg)
     if getattr(args, "resume", False):
         check_resume(run_url, cfg)
-    if parse_workers(cfg.run.workers)[1] > 0:
+    if cfg.run.uses_ray:
         connect_ray(cfg.run.address)
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
     from .training import interrupt
 
     interrupt.clear_marker(run_url)
     interrupt.reset()
-    restore = interrupt.install(run_url if parse_workers(cfg.run.workers)[1] > 0 else None)
+    restore = interrupt.install(run_url if cfg.run.uses_ray else None)
     try:
-        summary = launch(cfg, run_url)
+        summary = launch(cfg, run_url, started_at)
     finally:
         restore()
     if summary and summary.get("stop_reason") == "interrupted":
@@ -149,27 +140,12 @@ def train_from_cli(args) -> int:
     return 0
 
 
-def launch(cfg: Config, run_url: str) -> dict:
-    lo, hi = parse_workers(cfg.run.workers)
-    if hi == 0:
-        from .training.worker import train_in_process
+def launch(cfg: Config, run_url: str, started_at: float) -> dict:
+    if not cfg.run.uses_ray:
+        from .training.trainer import train_in_process
 
-        return train_in_process(cfg, run_url)
-    return launch_ray(cfg, run_url, lo, hi)
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Ray waits minutes on a dead address; a TCP probe answers in seconds."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {exc} (check --address and that the head node is up)") from None
+        return train_in_process(cfg, run_url, started_at)
+    return launch_ray(cfg, run_url, started_at)
 
 
 def check_shared_storage(storage_url: str, nodes: int) -> None:
@@ -178,17 +154,6 @@ def check_shared_storage(storage_url: str, nodes: int) -> None:
             f"--storage {storage.redact(storage_url)} is a local path but the cluster has {nodes} nodes: "
             "use storage every node can reach (s3://, gs://, or a shared mount given as such)"
         )
-
-
-def connect_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        check_reachable(address)
-    # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
-    ray.init(address=address or "local", include_dashboard=False)
 
 
 def ray_storage(url: str) -> dict:
@@ -202,13 +167,14 @@ def ray_storage(url: str) -> dict:
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
-def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
+def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .training.worker import train_worker
+    from .training.trainer import train_worker
 
+    lo, hi = cfg.run.worker_range
     connect_ray(cfg.run.address)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not cfg.run.shared_storage:
@@ -218,7 +184,7 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
     cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "t0": os.environ.get("AAE_DIST_T0", str(time.time()))},
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},
@@ -227,8 +193,7 @@ def launch_ray(cfg: Config, run_url: str, lo: int, hi: int) -> dict:
         run_config=RunConfig(
             name=cfg.run.name,
             **ray_storage(cfg.run.storage),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),  # checkpoints: kept by aae-dist in the run folder
         ),
     )
     try:

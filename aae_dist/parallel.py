@@ -11,7 +11,7 @@ def map_tasks(fn: Callable, items: Sequence, workers: int, address: str | None =
         return [fn(item) for item in items]
     import ray
 
-    from .launch import connect_ray
+    from .ray_connect import connect_ray
 
     connect_ray(address)
     remote = ray.remote(num_cpus=1)(fn)

@@ -22,7 +22,7 @@ def client(address: str):
         os.environ["RAY_AUTH_MODE"] = "token"  # Ray's client sends the token only in token mode (read at import)
     from ray.job_submission import JobSubmissionClient
 
-    from .launch import check_reachable
+    from .ray_connect import check_reachable
 
     check_reachable(address if "://" not in address else address.split("://", 1)[1])
     try:
@@ -73,11 +73,12 @@ def train_entrypoint(args) -> str:
 
 
 def submit(args) -> int:
-    from .launch import parse_workers
+    from .config import RunSection, set_value
 
     if args.command_to_run == "train" and args.workers:
-        lo, hi = parse_workers(args.workers)
-        if hi == 0:
+        run = RunSection()
+        set_value(run, "workers", str(args.workers), "--workers")
+        if not run.uses_ray:
             raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
     c = client(args.address)
     entry = train_entrypoint(args)

@@ -21,7 +21,7 @@ from common import PAPER_MLP, machine, write_mnist_like  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
 from aae_dist.training.session import LocalSession  # noqa: E402
-from aae_dist.training.worker import Trainer  # noqa: E402
+from aae_dist.training.trainer import Trainer  # noqa: E402
 
 MODELS = {"mlp": PAPER_MLP, "conv": ["model.kind=conv", "model.hidden=[1024]", "model.disc_hidden=[1000,1000]", "model.latent_dim=8"]}
 
@@ -37,7 +37,7 @@ def step_rate(data, model, batch, steps, amp, compile_, gpu) -> tuple[float, flo
                                              f"run.gpu={str(gpu).lower()}", "train.parzen_samples=0", "train.sync_every=50"])
     t = Trainer(cfg, LocalSession(tempfile.mkdtemp(prefix="aae-gpu-"), 1))
     x, y = next(iter(t.train_data.iter_epoch(0)))
-    x, y = t.to_device(x), y.to(t.device)
+    x, y = t.aae.normalise(x), y.to(t.device)
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(5 if not compile_ else 15):  # warm-up (and compilation)
@@ -55,7 +55,7 @@ def step_rate(data, model, batch, steps, amp, compile_, gpu) -> tuple[float, flo
 
 def epoch_time(data, model, batch, amp, compile_, gpu) -> float:
     """One full epoch of 60,000 samples through the real loop and data path (start-up excluded)."""
-    from aae_dist.training.worker import train_in_process
+    from aae_dist.training.trainer import train_in_process
 
     cfg = load_config(None, MODELS[model] + [f"data.path={data}", f"data.batch_size={batch}", "train.progress=false", "train.epochs=2",
                                              f"train.amp={str(amp).lower()}", f"train.compile={str(compile_).lower()}",

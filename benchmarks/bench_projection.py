@@ -43,12 +43,12 @@ def step_flops(model: str, batch: int, data: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from aae_dist.training.session import LocalSession
-    from aae_dist.training.worker import Trainer
+    from aae_dist.training.trainer import Trainer
 
     cfg = load_config(None, MODELS[model] + [f"data.path={data}", f"data.batch_size={batch}", "train.progress=false"])
     t = Trainer(cfg, LocalSession(tempfile.mkdtemp(), 1))
     x, y = next(iter(t.train_data.iter_epoch(0)))
-    x = t.to_device(x)
+    x = t.aae.normalise(x)
     with FlopCounterMode(display=False) as fc:
         t.train_step(x, y)
     t.logger.close()

@@ -65,7 +65,7 @@ def naive_loop(x_all: torch.Tensor, batch: int, steps: int) -> float:
 
 
 def framework(data: str, batch: int, steps: int, extra=()) -> float:
-    from aae_dist.training.worker import train_in_process
+    from aae_dist.training.trainer import train_in_process
 
     cfg = load_config(None, PAPER_MLP + [f"data.path={data}", f"data.batch_size={batch}", f"train.max_steps={steps}",
                                          "train.checkpoint_every=100000", "train.image_every=100000", "train.progress=false", *extra])

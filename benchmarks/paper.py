@@ -17,7 +17,7 @@ from common import machine  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
 from aae_dist.launch import ensure_default_data  # noqa: E402
-from aae_dist.training.worker import train_in_process  # noqa: E402
+from aae_dist.training.trainer import train_in_process  # noqa: E402
 
 JOBS = os.path.join(os.path.dirname(__file__), "..", "jobs")
 # metric, the paper's full-MNIST figure (Makhzani et al. 2015, Tables 1-3), lower-is-better

@@ -9,7 +9,7 @@ import pytest
 
 from aae_dist.config import load_config
 from aae_dist.launch import preflight
-from aae_dist.training.worker import train_in_process
+from aae_dist.training.trainer import train_in_process
 
 JOBS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "*.yaml")))
 PAPER = ["mnist_aae", "mnist_mixture2d", "mnist_supervised", "mnist_semisupervised_100", "mnist_clustering_16", "mnist_dimreduction_2d"]

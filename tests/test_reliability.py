@@ -49,7 +49,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, make_dataset):
 
 
 def test_checkpoint_write_killed_halfway_is_never_resumed(tmp_path, make_dataset, monkeypatch):
-    from aae_dist.training import checkpoint
+    from aae_dist import checkpoint
 
     data, _, _ = make_dataset(1000, 100)
     assert main(train_argv(tmp_path, data, "train.max_steps=10", "train.checkpoint_every=5", "train.keep_checkpoints=5")) == 0
@@ -141,7 +141,7 @@ def test_nan_policy_stop_names_phase_and_keeps_checkpoint(tmp_path, make_dataset
                            "phases.discriminator.lr=1e30", "train.warmup_steps=10"))  # healthy for 10 steps, then it blows up
     err = capsys.readouterr().err
     assert code == 2 and "non-finite loss in phase" in err and "last checkpoint is kept" in err
-    from aae_dist.training.checkpoint import latest_in_run, read_local
+    from aae_dist.checkpoint import latest_in_run, read_local
 
     state, meta = read_local(latest_in_run(str(tmp_path / "runs" / "r")))
     import torch

@@ -69,7 +69,7 @@ def test_resume_continues_exactly(tmp_path, make_dataset):
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, make_dataset, monkeypatch):
-    from aae_dist.training import worker
+    from aae_dist.training import trainer as worker
 
     data, _, _ = make_dataset(1000, 128)
     common = ["train.checkpoint_every=7", "train.max_steps=30"]
@@ -116,29 +116,29 @@ def test_phase_weight_zero_freezes_what_only_that_phase_trains(tmp_path, make_da
 
     from aae_dist.config import load_config
     from aae_dist.training.session import LocalSession
-    from aae_dist.training.worker import Trainer
+    from aae_dist.training.trainer import Trainer
 
     data, _, _ = make_dataset(500, 100)
     cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "train.max_steps=3", "phases.discriminator.weight=0", "train.progress=false"])
     t = Trainer(cfg, LocalSession(str(tmp_path / "w"), 1))
-    before = [p.detach().clone() for p in t.plain["discriminator"].parameters()]
-    enc_before = [p.detach().clone() for p in t.plain["encoder"].parameters()]
+    before = [p.detach().clone() for p in t.aae.nets["discriminator"].parameters()]
+    enc_before = [p.detach().clone() for p in t.aae.nets["encoder"].parameters()]
     for x, y in t.train_data.iter_epoch(0):
-        t.train_step(t.to_device(x), y)
+        t.train_step(t.aae.normalise(x), y)
         if t.coord.step == 3:
             break
-    assert all(torch.equal(a, b) for a, b in zip(before, t.plain["discriminator"].parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(enc_before, t.plain["encoder"].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, t.aae.nets["discriminator"].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(enc_before, t.aae.nets["encoder"].parameters()))
 
 
 def test_bf16_autocast_is_a_gpu_only_flag(tmp_path, make_dataset):
     from aae_dist.config import load_config
     from aae_dist.training.session import LocalSession
-    from aae_dist.training.worker import Trainer
+    from aae_dist.training.trainer import Trainer
 
     data, _, _ = make_dataset(300, 100)
     t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", "train.amp=true"]), LocalSession(str(tmp_path / "a"), 1))
     assert t.device.type == "cpu" and t.amp is False  # on CPU the flag is ignored: fp32
     x, y = next(iter(t.train_data.iter_epoch(0)))
-    t.train_step(t.to_device(x), y)
-    assert all(p.dtype == __import__("torch").float32 for p in t.plain["encoder"].parameters())
+    t.train_step(t.aae.normalise(x), y)
+    assert all(p.dtype == __import__("torch").float32 for p in t.aae.nets["encoder"].parameters())

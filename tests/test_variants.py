@@ -10,7 +10,7 @@ import torch
 
 from aae_dist.config import load_config
 from aae_dist.training.multiprocess import run_processes
-from aae_dist.training.worker import train_in_process
+from aae_dist.training.trainer import train_in_process
 from conftest import read_summary
 
 BASE = ["model.hidden=[128,128]", "model.disc_hidden=[128,128]", "train.progress=false", "train.parzen_samples=1000"]
@@ -54,7 +54,7 @@ def test_basic_parzen_beats_untrained_decoder(tmp_path, digits_url):
 def test_label_regularized_codes_land_in_their_component(tmp_path, digits_url):
     from aae_dist.data import ShardStream
     from aae_dist.models import build_networks
-    from aae_dist.training.checkpoint import latest_in_run, read_local
+    from aae_dist.checkpoint import latest_in_run, read_local
 
     s = run(tmp_path, digits_url, 400, "model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture",
             "phases.generator.lr=1e-3", "phases.discriminator.lr=1e-3")
@@ -72,7 +72,7 @@ def test_label_regularized_codes_land_in_their_component(tmp_path, digits_url):
 
 def test_supervised_decoder_uses_the_label(tmp_path, digits_url):
     from aae_dist.models import build_networks
-    from aae_dist.training.checkpoint import latest_in_run, read_local
+    from aae_dist.checkpoint import latest_in_run, read_local
 
     run(tmp_path, digits_url, 200, "model.variant=supervised", "model.latent_dim=4")
     cfg = load_config(None, BASE + [f"data.path={digits_url}", "model.variant=supervised", "model.latent_dim=4"])

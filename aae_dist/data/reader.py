@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import seeds
+
 from .. import storage
 from ..errors import UserError
 from .format import LABEL_DTYPE, Manifest, Shard, check_array, decode_npy, read_manifest
@@ -100,7 +102,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         n = len(self.split.shards)
         if not self.shuffle:
             return list(range(n))
-        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(n)]
+        return [int(i) for i in np.random.default_rng(seeds.shuffle(self.seed, epoch)).permutation(n)]
 
     def segments(self, epoch: int) -> list[Segment]:
         lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
@@ -115,7 +117,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def iter_epoch(self, epoch: int, skip: int = 0):
         """Yield this epoch's batches, the first `skip` of them replayed but not returned."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
+        rng = np.random.default_rng(seeds.shuffle_buffer(self.seed, epoch, self.rank))
         segs = self.segments(epoch)
         B = self.batch_size
         pool_x = np.empty((0,) + self.shape, self.dtype)
@@ -223,7 +225,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             ys.append(self._read_array(Segment(shard, 0, shard.count), "y"))
         y = np.concatenate(ys)
         keep = np.zeros(len(y), bool)
-        rng = np.random.default_rng([self.seed, 7])
+        rng = np.random.default_rng(seeds.labelled_subset(self.seed))
         for c in np.unique(y):
             idx = np.flatnonzero(y == c)
             keep[rng.choice(idx, size=min(per_class, len(idx)), replace=False)] = True

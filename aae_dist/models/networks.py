@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..variants import variant
 
 
 @dataclass
@@ -25,13 +26,6 @@ class Codes:
     @property
     def y(self) -> torch.Tensor | None:
         return None if self.y_logits is None else torch.softmax(self.y_logits.float(), 1).to(self.y_logits.dtype)
-
-
-CATEGORICAL_VARIANTS = ("semi_supervised", "clustering", "dim_reduction")
-
-
-def has_categorical(cfg: ModelConfig) -> bool:
-    return cfg.variant in CATEGORICAL_VARIANTS
 
 
 def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
@@ -64,7 +58,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0):
         super().__init__()
         self.posterior = cfg.posterior
-        self.num_y = num_classes if has_categorical(cfg) else 0
+        self.num_y = num_classes if variant(cfg.variant).categorical else 0
         self.latent_dim = cfg.latent_dim
         self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
         if cfg.kind == "conv":
@@ -93,17 +87,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """p(x | z[, y]): logits (bernoulli output) or means (gaussian output) shaped like the data.
 
-    supervised: z is concatenated with the one-hot label; semi-supervised/clustering: with the
-    softmax y; dim_reduction: the decoder reads y @ cluster_heads + z (the heads live here so
-    the reconstruction phase, which trains them, uses every decoder parameter)."""
+    What it reads is the variant's `decoder_input`: z; z joined with a one-hot label or the
+    softmax y; or y @ cluster_heads + z (the heads live here so the reconstruction phase, which
+    trains them, uses every decoder parameter)."""
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0):
         super().__init__()
         self.shape = tuple(shape)
-        self.variant = cfg.variant
-        self.cluster_heads = nn.Parameter(torch.randn(num_classes, cfg.latent_dim) * 1.0) if cfg.variant == "dim_reduction" else None
-        extra = num_classes if cfg.variant in ("supervised", "semi_supervised", "clustering") else 0
-        in_dim = cfg.latent_dim + extra
+        reads = variant(cfg.variant).decoder_input
+        self.joins_y = reads in ("z+label", "z+y")
+        self.cluster_heads = nn.Parameter(torch.randn(num_classes, cfg.latent_dim) * 1.0) if reads == "heads" else None
+        in_dim = cfg.latent_dim + (num_classes if self.joins_y else 0)
         if cfg.kind == "conv":
             f = 2 ** len(cfg.conv_channels)
             self.base = (cfg.conv_channels[-1], shape[1] // f, shape[2] // f)
@@ -121,7 +115,7 @@ class Decoder(nn.Module):
         """What the decoder reads: the code, joined with y as the variant wants."""
         if self.cluster_heads is not None:
             return y @ self.cluster_heads + z
-        if y is not None and self.variant in ("supervised", "semi_supervised", "clustering"):
+        if y is not None and self.joins_y:
             return torch.cat([z, y.to(z.dtype)], 1)
         return z
 
@@ -148,17 +142,17 @@ def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 
         f = 2 ** len(cfg.conv_channels)
         if shape[1] % f or shape[2] % f:
             raise UserError(f"model.kind=conv with {len(cfg.conv_channels)} layers needs H and W divisible by {f}, data is {shape[1]}x{shape[2]}: change model.conv_channels")
-    needs_k = has_categorical(cfg) or cfg.variant in ("supervised", "label_regularized")
-    if needs_k and num_classes < 2:
+    row = variant(cfg.variant)
+    if row.needs_classes and num_classes < 2:
         raise UserError(f"model.variant={cfg.variant} needs classes: set model.num_classes or use a labelled dataset")
     nets = {
         "encoder": Encoder(cfg, shape, num_classes),
         "decoder": Decoder(cfg, shape, num_classes),
     }
     if cfg.regularizer == "adversarial":
-        # label-regularised: D also sees the one-hot label plus an 'unlabelled' class
-        nets["discriminator"] = Discriminator(cfg, cfg.latent_dim + (num_classes + 1 if cfg.variant == "label_regularized" else 0))
-        if has_categorical(cfg):
+        # a label tag: D also sees the one-hot label plus an 'unlabelled' class
+        nets["discriminator"] = Discriminator(cfg, cfg.latent_dim + (num_classes + 1 if row.label_tag else 0))
+        if row.categorical:
             nets["discriminator_cat"] = Discriminator(cfg, num_classes)
     elif cfg.posterior != "gaussian":
         raise UserError("model.regularizer=kl (the VAE baseline) needs model.posterior=gaussian")

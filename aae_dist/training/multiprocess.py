@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_url: str, threads: int) -> None:
     from .session import LocalSession
-    from .worker import Trainer
+    from .trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)

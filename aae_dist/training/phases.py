@@ -2,13 +2,15 @@
 
 Gradients reach only the phase's own networks: the networks it merely reads run as their
 plain (un-wrapped) modules with gradients off, so DDP never all-reduces or keeps stale
-gradients for them.  Each variant of the paper is a different list (`build_phases`)."""
+gradients for them.  `build_phases` reads the variant's row once and binds every loss's
+parameters then, so no loss looks at the config or the variant at step time."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -16,38 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, PhaseConfig
-from ..models.networks import has_categorical
+from ..models import AAE
+from ..variants import variant
 
 LossFn = Callable[["StepContext", torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
 class StepContext:
-    """What a phase's loss sees: wrapped networks to train, plain ones to read, the prior, randomness."""
+    """What a phase's loss sees: wrapped networks to train, plain ones to read, the model, randomness."""
 
     wrapped: dict[str, nn.Module]
-    plain: dict[str, nn.Module]
-    prior: object
+    aae: AAE
     generator: torch.Generator
-    output: str  # bernoulli | gaussian
-    cfg: Config
-    num_classes: int = 0
-    labelled: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # semi-supervised: a labelled minibatch
+    labelled: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # a labelled minibatch (few-label runs)
 
     @property
-    def variant(self) -> str:
-        return self.cfg.model.variant
-
-    def one_hot(self, y: torch.Tensor, extra: int = 0) -> torch.Tensor:
-        """One-hot labels; unknown labels (-1) become the extra 'unlabelled' class when extra=1."""
-        k = self.num_classes + extra
-        idx = torch.where(y >= 0, y, torch.full_like(y, k - 1)) if extra else y.clamp_min(0)
-        return F.one_hot(idx, k).float()
-
-    def decoder_y(self, codes, y: torch.Tensor) -> torch.Tensor | None:
-        if self.variant == "supervised":
-            return self.one_hot(y)
-        return codes.y
+    def plain(self) -> dict[str, nn.Module]:
+        return self.aae.nets
 
 
 @dataclass
@@ -79,12 +67,6 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-def reconstruction_error(output: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if output == "bernoulli":
-        return F.binary_cross_entropy_with_logits(logits.float(), x.float())
-    return F.mse_loss(logits.float(), x.float())
-
-
 def _bce(logits: torch.Tensor, value: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full(logits.shape, value, device=logits.device))
 
@@ -93,51 +75,52 @@ def _noisy(ctx: StepContext, z: torch.Tensor, std: float) -> torch.Tensor:
     return z + std * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=ctx.generator) if std else z
 
 
-# ---- phases ------------------------------------------------------------------------------------
+# ---- losses (parameters bound by build_phases) -------------------------------------------------
 
-def reconstruction_loss(ctx: StepContext, x, y):
+def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0):
+    """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
-    dec = ctx.wrapped["decoder"]
-    loss = reconstruction_error(ctx.output, dec(codes.z, ctx.decoder_y(codes, y)), x)
+    loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
     stats = {"loss": loss.detach()}
     total = loss
-    if ctx.cfg.model.regularizer == "kl":  # VAE baseline: negative ELBO per data dimension
-        kl = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
-        total = total + kl / x[0].numel()
-        stats["kl"] = kl.detach()
-    if ctx.variant == "dim_reduction" and ctx.cfg.model.cluster_head_weight:
+    if kl:  # negative ELBO per data dimension
+        kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
+        total = total + kl_term / x[0].numel()
+        stats["kl"] = kl_term.detach()
+    if head_weight:
         heads = ctx.plain["decoder"].cluster_heads
-        dist = torch.cdist(heads, heads)
         k = heads.shape[0]
         off = ~torch.eye(k, dtype=torch.bool, device=heads.device)
-        penalty = F.relu(ctx.cfg.model.cluster_head_distance - dist[off]).sum() / max(1, k * (k - 1))
-        total = total + ctx.cfg.model.cluster_head_weight * penalty
+        penalty = F.relu(head_distance - torch.cdist(heads, heads)[off]).sum() / max(1, k * (k - 1))
+        total = total + head_weight * penalty
     return total, stats
 
 
 def _prior_labels(ctx: StepContext, y: torch.Tensor) -> torch.Tensor:
-    """Label-regularised: the component a label names; unlabelled samples draw a random one."""
-    rand = torch.randint(0, ctx.num_classes, y.shape, device=y.device, generator=ctx.generator)
+    """A label tag conditions the prior on the label; unlabelled samples draw a random component."""
+    rand = torch.randint(0, ctx.aae.num_classes, y.shape, device=y.device, generator=ctx.generator)
     return torch.where(y >= 0, y, rand)
 
 
-def discriminator_loss(ctx: StepContext, x, y):
+def discriminator_loss(ctx: StepContext, x, y, *, noise: float, label_tag: bool):
     with torch.no_grad():
         fake = ctx.plain["encoder"](x, generator=ctx.generator).z
-    if ctx.variant == "label_regularized":
-        real = ctx.prior.sample(len(x), ctx.generator, x.device, labels=_prior_labels(ctx, y))
-        tag = ctx.one_hot(y, extra=1)
+    prior = ctx.aae.prior
+    if label_tag:
+        real = prior.sample(len(x), ctx.generator, x.device, labels=_prior_labels(ctx, y))
+        tag = ctx.aae.one_hot(y, extra=1)
         real, fake = torch.cat([real, tag], 1), torch.cat([fake, tag], 1)
     else:
-        real = ctx.prior.sample(len(x), ctx.generator, x.device)
-    return _discriminate(ctx, "discriminator", real, fake, ctx.cfg.phases.discriminator.input_noise)
+        real = prior.sample(len(x), ctx.generator, x.device)
+    return _discriminate(ctx, "discriminator", real, fake, noise)
 
 
-def discriminator_cat_loss(ctx: StepContext, x, y):
+def discriminator_cat_loss(ctx: StepContext, x, y, *, noise: float):
     with torch.no_grad():
         fake = ctx.plain["encoder"](x, generator=ctx.generator).y
-    real = F.one_hot(torch.randint(0, ctx.num_classes, (len(x),), device=x.device, generator=ctx.generator), ctx.num_classes).float()
-    return _discriminate(ctx, "discriminator_cat", real, fake, ctx.cfg.phases.discriminator_cat.input_noise)
+    k = ctx.aae.num_classes
+    real = F.one_hot(torch.randint(0, k, (len(x),), device=x.device, generator=ctx.generator), k).float()
+    return _discriminate(ctx, "discriminator_cat", real, fake, noise)
 
 
 def _discriminate(ctx, name, real, fake, noise):
@@ -148,21 +131,21 @@ def _discriminate(ctx, name, real, fake, noise):
     return loss, {"loss": loss.detach(), "acc_prior": (lr.detach() > 0).float().mean(), "acc_codes": (lf.detach() < 0).float().mean()}
 
 
-def generator_loss(ctx: StepContext, x, y):
+def generator_loss(ctx: StepContext, x, y, *, noise: float, label_tag: bool, categorical: bool, cat_noise: float):
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
-    z = _noisy(ctx, codes.z, ctx.cfg.phases.discriminator.input_noise)
-    if ctx.variant == "label_regularized":
-        z = torch.cat([z, ctx.one_hot(y, extra=1)], 1)
+    z = _noisy(ctx, codes.z, noise)
+    if label_tag:
+        z = torch.cat([z, ctx.aae.one_hot(y, extra=1)], 1)
     with frozen(ctx.plain["discriminator"]) as disc:
         loss = _bce(disc(z), 1.0)
-    if "discriminator_cat" in ctx.plain:
+    if categorical:
         with frozen(ctx.plain["discriminator_cat"]) as disc_cat:
-            loss = loss + _bce(disc_cat(_noisy(ctx, codes.y, ctx.cfg.phases.discriminator_cat.input_noise)), 1.0)
+            loss = loss + _bce(disc_cat(_noisy(ctx, codes.y, cat_noise)), 1.0)
     return loss, {"loss": loss.detach()}
 
 
 def classification_loss(ctx: StepContext, x, y):
-    """Semi-supervised phase: the encoder's y learns the labels of a labelled minibatch."""
+    """The supervised phase: the encoder's y learns the labels of a labelled minibatch."""
     xl, yl = ctx.labelled() if ctx.labelled is not None else (x, y)
     logits = ctx.wrapped["encoder"](xl, generator=ctx.generator).y_logits
     known = yl >= 0
@@ -174,20 +157,26 @@ def classification_loss(ctx: StepContext, x, y):
 
 def build_phases(cfg: Config) -> list[Phase]:
     p, m = cfg.phases, cfg.model
+    row = variant(m.variant)
     warm = cfg.train.warmup_steps
-    phases = [Phase("reconstruction", ("encoder", "decoder"), reconstruction_loss, p.reconstruction, stat_names=("loss", "kl"))]
+    heads = row.decoder_input == "heads"
+    recon = partial(reconstruction_loss, kl=m.regularizer == "kl", head_distance=m.cluster_head_distance,
+                    head_weight=m.cluster_head_weight if heads else 0.0)
+    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl"))]
     if m.regularizer == "kl":
         return phases
     disc_stats = ("loss", "acc_prior", "acc_codes")
-    if has_categorical(m):
-        phases.append(Phase("discriminator_cat", ("discriminator_cat",), discriminator_cat_loss, p.discriminator_cat,
-                            repeat=p.discriminator_cat.repeat, start_step=warm, stat_names=disc_stats))
+    if row.categorical:
+        phases.append(Phase("discriminator_cat", ("discriminator_cat",), partial(discriminator_cat_loss, noise=p.discriminator_cat.input_noise),
+                            p.discriminator_cat, repeat=p.discriminator_cat.repeat, start_step=warm, stat_names=disc_stats))
+    gen = partial(generator_loss, noise=p.discriminator.input_noise, label_tag=row.label_tag, categorical=row.categorical,
+                  cat_noise=p.discriminator_cat.input_noise)
     phases += [
-        Phase("discriminator", ("discriminator",), discriminator_loss, p.discriminator, repeat=p.discriminator.repeat,
-              start_step=warm, stat_names=disc_stats),
-        Phase("generator", ("encoder",), generator_loss, p.generator, start_step=warm, stat_names=("loss",)),
+        Phase("discriminator", ("discriminator",), partial(discriminator_loss, noise=p.discriminator.input_noise, label_tag=row.label_tag),
+              p.discriminator, repeat=p.discriminator.repeat, start_step=warm, stat_names=disc_stats),
+        Phase("generator", ("encoder",), gen, p.generator, start_step=warm, stat_names=("loss",)),
     ]
-    if m.variant == "semi_supervised" or (m.variant == "dim_reduction" and cfg.data.labeled_per_class):
+    if row.has_classification_phase(cfg.data.labeled_per_class):
         phases.append(Phase("classification", ("encoder",), classification_loss, p.classification, stat_names=("loss", "accuracy")))
     return phases
 
@@ -205,3 +194,17 @@ def make_optimizer(phase: Phase, plain: dict[str, nn.Module], total_steps: int) 
     else:
         fn = lambda s: 1.0  # noqa: E731
     phase.scheduler = torch.optim.lr_scheduler.LambdaLR(phase.optimizer, fn)
+
+
+class PhaseStates:
+    """The optimizers (or schedulers) of all phases as one stateful checkpoint part."""
+
+    def __init__(self, phases: list[Phase], attr: str):
+        self.phases, self.attr = phases, attr
+
+    def state_dict(self) -> dict:
+        return {ph.name: getattr(ph, self.attr).state_dict() for ph in self.phases}
+
+    def load_state_dict(self, state: dict) -> None:
+        for ph in self.phases:
+            getattr(ph, self.attr).load_state_dict(state[ph.name])

@@ -1,16 +1,16 @@
-"""Where a worker runs: under Ray Train (report/get_checkpoint are Ray's) or in-process (no Ray).
-
-The worker loop talks only to this small interface, so the same loop serves both."""
+"""Where a worker runs: under Ray Train or in-process (no Ray).  Both store checkpoints the same
+way (rank 0 writes `checkpoint_step_N` into the run folder) and resume from the run folder's latest;
+they differ in who the worker is and how metrics travel (Ray's `report` is a collective)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 
 import torch
 
-from . import checkpoint
+from .. import checkpoint, storage
+from . import interrupt
 
 
 class Session:
@@ -21,18 +21,18 @@ class Session:
     def __init__(self, run_url: str, keep: int):
         self.run_url, self.keep = run_url, keep
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        raise NotImplementedError
+    def save(self, folder: str | None, step: int, metrics: dict) -> None:
+        """Every rank calls this; rank 0 passes the checkpoint folder it wrote."""
+        if folder:
+            checkpoint.persist(folder, self.run_url, step, self.keep)
 
     def stop_requested(self) -> bool:
-        """Asked on rank 0 at coordinator syncs only (one storage call per sync under Ray)."""
-        from . import interrupt
-
+        """Asked on rank 0 at coordinator syncs only."""
         return interrupt.requested()
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        """Yields a local folder of the latest complete checkpoint, or None."""
+        """Yields a local folder of the run's latest complete checkpoint, or None."""
         url = checkpoint.latest_in_run(self.run_url)
         if url is None:
             yield None
@@ -56,15 +56,11 @@ class Session:
 
 
 class LocalSession(Session):
-    """Without Ray (in-process, or processes started by the caller): aae-dist stores checkpoints itself."""
+    """In-process, or processes started by the caller (tests, benchmarks)."""
 
     def __init__(self, run_url: str, keep: int, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         super().__init__(run_url, keep)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-
-    def report(self, metrics, checkpoint_dir):
-        if checkpoint_dir:
-            checkpoint.persist(checkpoint_dir, self.run_url, int(metrics["step"]), self.keep)
 
 
 class RaySession(Session):
@@ -76,9 +72,9 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
-    def report(self, metrics, checkpoint_dir):
-        ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=ckpt)
+    def save(self, folder, step, metrics):
+        super().save(folder, step, metrics)
+        self._train.report(metrics)  # a collective: every rank, every time
 
     def node(self) -> str:
         import ray
@@ -86,23 +82,8 @@ class RaySession(Session):
         return ray.get_runtime_context().get_node_id()
 
     def stop_requested(self) -> bool:
-        from .. import storage
-        from .interrupt import STOP_MARKER
-
-        return storage.exists(storage.join(self.run_url, STOP_MARKER))
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:  # e.g. --resume of a run that began in-process
-            with super().latest_checkpoint() as local:
-                yield local
-            return
-        with ckpt.as_directory() as local:
-            yield local
+        return storage.exists(storage.join(self.run_url, interrupt.STOP_MARKER))
 
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="aae-")
-
-

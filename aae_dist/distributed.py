@@ -1,4 +1,4 @@
-"""DDP without ceremony: one wrapper per network, buffers not re-broadcast on every forward."""
+"""Torch distributed without ceremony: are we distributed, sum or gather over workers, one DDP per network."""
 
 from __future__ import annotations
 
@@ -23,3 +23,19 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, gradient_as_bucket_view=True, **kw)
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the workers in place (a no-op in one process)."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order (just [obj] in one process)."""
+    if not distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

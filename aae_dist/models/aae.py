@@ -1,0 +1,115 @@
+"""One AAE: its networks, prior, output likelihood and pixel scaling, with the operations that
+training, evaluation and inference share (normalise, encode, decode, reconstruction error, sample)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, PriorConfig
+from ..variants import variant
+from .networks import Codes, build_networks
+from .priors import build_prior
+
+
+def output_likelihood(setting: str, dtype: str) -> str:
+    """auto: Bernoulli (sigmoid + BCE) for uint8 pixels, Gaussian (MSE) for anything else."""
+    if setting != "auto":
+        return setting
+    return "bernoulli" if dtype == "uint8" else "gaussian"
+
+
+class AAE:
+    def __init__(self, model: ModelConfig, prior: PriorConfig, shape: tuple[int, ...], dtype: str, num_classes: int):
+        self.cfg, self.variant = model, variant(model.variant)
+        self.shape, self.dtype, self.num_classes = tuple(shape), dtype, num_classes
+        self.output = output_likelihood(model.output, dtype)
+        self.scale = 255.0 if dtype == "uint8" else 1.0
+        self.nets: dict[str, nn.Module] = build_networks(model, self.shape, num_classes)
+        self.prior = build_prior(prior, model.latent_dim)
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "AAE":
+        self.device = torch.device(device)
+        self.nets = {n: m.to(self.device) for n, m in self.nets.items()}
+        return self
+
+    def eval(self) -> "AAE":
+        for m in self.nets.values():
+            m.eval()
+        return self
+
+    # ---- data in -------------------------------------------------------------------------------
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw samples (uint8 pixels or floats) -> float input on the model's device."""
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        return x.float().div_(self.scale) if self.scale != 1.0 else x.float()
+
+    def one_hot(self, labels: torch.Tensor, extra: int = 0) -> torch.Tensor:
+        """One-hot labels; unknown labels (-1) become the extra 'unlabelled' class when extra=1."""
+        k = self.num_classes + extra
+        idx = torch.where(labels >= 0, labels, torch.full_like(labels, k - 1)) if extra else labels.clamp_min(0)
+        return F.one_hot(idx, k).float()
+
+    # ---- encode / decode -----------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
+        return self.nets["encoder"](x, generator=generator)
+
+    def decoder_y(self, codes: Codes, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """What the decoder reads besides z: the true label where the variant decodes from labels, else the softmax y."""
+        if self.variant.decoder_input == "z+label":
+            return self.one_hot(labels)
+        return codes.y
+
+    def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.nets["decoder"](z, y)
+
+    def to_pixels(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.output == "bernoulli" else logits
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.to_pixels(self.decode_logits(z, y))
+
+    def reconstruction_error(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return reconstruction_error(self.output, logits, x)
+
+    def displayable(self, pixels):
+        """Images in [0, 1] for display: Bernoulli means already are; Gaussian means are min-max scaled."""
+        if self.output == "bernoulli":
+            return pixels.clip(0, 1)
+        lo, hi = pixels.min(), pixels.max()
+        return (pixels - lo) / max(float(hi - lo), 1e-9)
+
+    # ---- sample --------------------------------------------------------------------------------
+    def sample_latents(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, y) for `decode(z, y)` drawn from the prior; `labels` fixes the class where the variant has one."""
+        v, dev = self.variant, self.device
+        if labels is None and v.needs_classes:
+            labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=dev)
+        if v.label_tag:
+            return self.prior.sample(n, generator, dev, labels=labels.to(dev)), None
+        z = self.prior.sample(n, generator, dev)
+        if labels is None or v.decoder_input == "z":
+            return z, None
+        return z, F.one_hot(labels.to(dev), self.num_classes).float()
+
+    def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(*self.sample_latents(n, generator, labels))
+
+    # ---- weights -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {n: m.state_dict() for n, m in self.nets.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, m in self.nets.items():
+            m.load_state_dict(state[n])
+
+
+def reconstruction_error(output: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if output == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits.float(), x.float())
+    return F.mse_loss(logits.float(), x.float())

@@ -1,0 +1,91 @@
+"""Rank 0's view of a run for people: the progress bar, TensorBoard scalars, images and the final
+hparams.  The trainer hands it what it measured; nothing here changes training."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import seeds
+from ..config import Config
+from ..data import ShardStream
+from ..models import AAE
+from ..plots import image_grid, scatter_image
+from .tensorboard import TensorBoardLogger, flatten_config
+
+
+class Reporter:
+    def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0):
+        self.cfg, self.aae, self.phases = cfg, aae, phases
+        self.logger = TensorBoardLogger(run_url, purge_step=resumed_step or None)
+        data = ShardStream(cfg.data.path, eval_split, 512, shuffle=False, manifest=manifest)
+        x, y = next(iter(data.iter_epoch(0)))
+        self.viz = aae.normalise(x), y.numpy()
+        self.generator = torch.Generator(device=aae.device)
+        self.bar = None
+
+    # ---- progress bar -----------------------------------------------------------------------
+    def start(self, step: int, total: int) -> None:
+        self.bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not self.cfg.train.progress, dynamic_ncols=True)
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # ---- per step ---------------------------------------------------------------------------
+    def step(self, coord, means: dict | None, phase_seconds: dict, t_first: float, start_step: int, world: int) -> None:
+        self.bar.update(1)
+        if means is None:
+            return
+        self.bar.set_postfix({k.split("/")[0][:5]: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
+        step, lg = coord.step, self.logger
+        scalars = {f"loss/{k.split('/')[0]}": v for k, v in means.items() if k.endswith("/loss")}
+        scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl")})
+        for ph in self.phases:
+            scalars[f"lr/{ph.name}"] = ph.optimizer.param_groups[0]["lr"]
+            scalars[f"time/{ph.name}_ms_per_step"] = 1000 * phase_seconds[ph.name] / max(1, step - start_step)
+        elapsed = time.perf_counter() - t_first
+        scalars["perf/samples_per_s"] = (step - start_step) * self.cfg.data.batch_size * world / max(elapsed, 1e-9)
+        scalars["coordinator/skip_discriminator"] = float(coord.skip.get("discriminator", False))
+        lg.scalars(scalars, step)
+        if step % self.cfg.train.image_every < self.cfg.train.sync_every or coord.done():
+            self.log_images(step)
+        lg.maybe_upload()
+
+    @torch.no_grad()
+    def log_images(self, step: int) -> None:
+        x, y = self.viz
+        aae = self.aae
+        self.generator.manual_seed(seeds.evaluation(self.cfg.train.seed) + step)
+        c = aae.encode(x, self.generator)
+        ydec = aae.decoder_y(c, torch.from_numpy(y).to(aae.device))
+        recon = aae.decode(c.z[:32], None if ydec is None else ydec[:32]).float().cpu()
+        pairs = torch.stack([x[:32].cpu(), recon], 1).flatten(0, 1).numpy()
+        self.logger.image("images/inputs_and_reconstructions", image_grid(_as_images(aae.displayable(pairs)), cols=16), step)
+        samples = aae.sample(64, self.generator).float().cpu().numpy()
+        self.logger.image("images/prior_samples", image_grid(_as_images(aae.displayable(samples)), cols=8), step)
+        codes = c.z.float().cpu().numpy()
+        pts = codes[:, :2] if codes.shape[1] >= 2 else np.c_[codes, np.zeros(len(codes))]
+        self.logger.image("codes/scatter", scatter_image(pts, y), step)
+        if c.y_logits is not None:
+            self.logger.histogram("codes/y_argmax", c.y_logits.argmax(1), step)
+        self.logger.histogram("codes/z", c.z, step)
+
+    # ---- at the end -------------------------------------------------------------------------
+    def finish(self, step: int, metrics: dict, summary: dict) -> None:
+        lg = self.logger
+        lg.scalars({f"final/{k}": v for k, v in metrics.items()}, step)
+        lg.writer.add_text("run/topology", f"world size {summary['world_size']}, {summary['nodes']} node(s): " + ", ".join(
+            f"rank {w['rank']} on {w['node']} ({w['device']})" for w in summary["workers"]), step)
+        if metrics:
+            self.log_images(step)
+            lg.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)
+        lg.close()
+
+
+def _as_images(imgs: np.ndarray) -> np.ndarray:
+    """(N, 1, D) vectors show as 1-pixel-high strips."""
+    return imgs[:, :, None, :] if imgs.ndim == 3 else imgs

@@ -1,0 +1,192 @@
+"""The per-worker training loop: a small Trainer calling stateful components (model, phases,
+coordinator, checkpointer) and handing what it measures to rank 0's reporter."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import checkpoint, seeds
+from ..checkpoint import Checkpointer
+from ..config import Config
+from ..data import ShardStream, read_manifest
+from ..distributed import distributed, wrap
+from ..errors import UserError
+from ..evaluation import Evaluator
+from ..models import AAE
+from . import faults
+from .comm import CommStats
+from .coordinator import Coordinator
+from .phases import PhaseStates, StepContext, build_phases, make_optimizer
+from .reporting import Reporter
+from .session import LocalSession, RaySession, Session, scratch_dir
+from .summary import write_summary
+
+
+class Trainer:
+    def __init__(self, cfg: Config, session: Session, started_at: float | None = None):
+        self.cfg, self.session = cfg, session
+        self.rank, self.world = session.rank, session.world_size
+        self.started_at = started_at if started_at is not None else time.time()
+        if cfg.train.threads or cfg.run.cpus_per_worker:
+            torch.set_num_threads(cfg.train.threads or cfg.run.cpus_per_worker)
+        self.device = session.device(cfg.run.gpu)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        d = cfg.data
+        self.manifest = read_manifest(d.path)
+        self.train_data = ShardStream(
+            d.path, "train", d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
+            shuffle_buffer=d.shuffle_buffer, drop_last=True, cache_dir=d.cache_dir, prefetch=d.prefetch,
+            labeled_per_class=d.labeled_per_class, manifest=self.manifest,
+        )
+        self.eval_split = d.eval_split if d.eval_split in self.manifest.splits else "train"
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
+        num_classes = cfg.model.num_classes or self.manifest.num_classes
+        self.aae = AAE(cfg.model, cfg.prior, tuple(self.manifest.shape), self.manifest.dtype, num_classes).to(self.device)
+        if cfg.train.compile:
+            for m in self.aae.nets.values():  # compile forward only: state_dict keys stay plain
+                m.forward = torch.compile(m.forward)
+        self.comm = CommStats(cfg.train.grad_compression)
+        self.wrapped = dict(self.aae.nets)
+        if distributed():
+            self.wrapped = {n: wrap(m, self.device) for n, m in self.aae.nets.items()}
+            for n, m in self.wrapped.items():
+                self.comm.attach(n, m)
+        self.generator = torch.Generator(device=self.device)
+        self.phases = build_phases(cfg)
+        labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
+        self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled)
+        probe = session.stop_requested if self.rank == 0 else None
+        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world)
+        for ph in self.phases:
+            make_optimizer(ph, self.aae.nets, self.coord.total_steps())
+        self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
+        self.check_grads = cfg.train.nan_policy == "skip"  # one host sync per phase: only when asked for
+        self.checkpointer = Checkpointer(
+            {"models": self.aae, "optimizers": PhaseStates(self.phases, "optimizer"),
+             "schedulers": PhaseStates(self.phases, "scheduler"), "coordinator": self.coord},
+            meta={"world_size": self.world, "architecture": cfg.model.architecture(), "config": cfg.to_dict(redact=True),
+                  "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": num_classes,
+                  "output": self.aae.output},
+        )
+        self.resumed_from = self._restore()
+        self.reporter = Reporter(cfg, self.aae, self.phases, session.run_url, self.eval_split, self.manifest,
+                                 resumed_step=self.coord.step) if self.rank == 0 else None
+
+    def _labelled_sampler(self):
+        """Few labels: every step draws a labelled minibatch from the (small, identical on every
+        rank) labelled set; with all labels, the batch's own labels serve."""
+        if not self.cfg.data.labeled_per_class:
+            return None
+        x, y = self.train_data.labelled_samples()
+        x, y = self.aae.normalise(torch.from_numpy(x)), torch.from_numpy(y).to(self.device)
+        n = min(self.cfg.data.batch_size, len(x))
+
+        def draw():
+            idx = torch.randint(0, len(x), (n,), generator=self.generator, device=self.device)
+            return x[idx], y[idx]
+
+        return draw
+
+    # ---- one step -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict | None:
+        self.generator.manual_seed(seeds.step(self.cfg.train.seed, self.rank, self.coord.step))
+        for ph in self.coord.phases_now():
+            t0 = time.perf_counter()
+            self.comm.phase = ph.name
+            for _ in range(ph.repeat):
+                ph.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss, stats = ph.loss(self.ctx, x, y)
+                (loss * ph.cfg.weight if ph.cfg.weight != 1.0 else loss).backward()
+                if self.check_grads and not self._grads_finite(ph):
+                    ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
+                    self.coord.skipped_update()
+                    if self.rank == 0:
+                        print(f"aae-dist: warning: non-finite gradients in phase '{ph.name}' at step {self.coord.step}: update skipped", flush=True)
+                    continue
+                ph.optimizer.step()
+                self.coord.record(ph, stats)
+                self.coord.flag_nonfinite(ph, loss)
+            ph.scheduler.step()
+            self.phase_seconds[ph.name] += time.perf_counter() - t0
+        return self.coord.end_step()
+
+    def _grads_finite(self, ph) -> bool:
+        """Gradients are all-reduced by DDP before this check, so every rank gets the same answer."""
+        grads = [p.grad for p in ph.optimizer.param_groups[0]["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, coord, rep = self.cfg, self.coord, self.reporter
+        self.start_step, t_first, self.startup_s = coord.step, None, None
+        if rep:
+            rep.start(coord.step, coord.total_steps())
+        while not coord.done():
+            epoch = coord.epoch
+            for x, y in self.train_data.iter_epoch(epoch, skip=coord.batch_in_epoch):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    self.startup_s = time.time() - self.started_at
+                means = self.train_step(self.aae.normalise(x), y.to(self.device, non_blocking=True))
+                if means is not None:
+                    self._check_numerics()
+                if rep:
+                    rep.step(coord, means, self.phase_seconds, t_first, self.start_step, self.world)
+                if coord.step % cfg.train.checkpoint_every == 0 and not coord.done():
+                    self.save_checkpoint()
+                if coord.done() or coord.epoch != epoch:
+                    break
+        if rep:
+            rep.close_progress()
+        train_s = time.perf_counter() - t_first if t_first else 0.0
+        samples = (coord.step - self.start_step) * cfg.data.batch_size * self.world
+        metrics = self.evaluate() if coord.stop_reason != "interrupted" else {}
+        self.save_checkpoint(final=True, metrics=metrics)
+        return write_summary(self, metrics, samples / train_s if train_s else 0.0, train_s)
+
+    def _check_numerics(self) -> None:
+        if self.coord.nonfinite_steps and self.cfg.train.nan_policy == "stop":
+            raise UserError(
+                f"non-finite loss in phase '{self.coord.nonfinite_phase or '?'}' before step {self.coord.step}: "
+                "the last checkpoint is kept; lower that phase's lr or set train.nan_policy=skip"
+            )
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, final: bool = False, metrics: dict | None = None) -> None:
+        coord = self.coord
+        folder = None
+        if self.rank == 0:
+            folder = scratch_dir()
+            self.checkpointer.save(folder, coord.step, final, epoch=coord.epoch)
+            faults.maybe_die_writing_checkpoint(self.cfg.run.name, coord.step)
+        try:
+            self.session.save(folder, coord.step, {"step": coord.step, "epoch": coord.epoch, **coord.last_means, **(metrics or {})})
+        finally:
+            if folder:
+                checkpoint.remove_local(folder)
+
+    def _restore(self) -> int | None:
+        with self.session.latest_checkpoint() as folder:
+            if folder is None:
+                return None
+            meta = self.checkpointer.restore(folder, self.cfg.model)
+        return int(meta["step"])
+
+    def evaluate(self) -> dict:
+        return Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world).run(self.eval_split)
+
+
+def train_worker(payload: dict) -> None:
+    """Ray Train's train_loop_per_worker: payload = {"config": dict, "run_url": str, "started_at": float}."""
+    cfg = Config.model_validate(payload["config"])
+    Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at")).fit()
+
+
+def train_in_process(cfg: Config, run_url: str, started_at: float | None = None) -> dict:
+    return Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at).fit()
