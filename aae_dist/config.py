@@ -50,10 +50,18 @@ class ModelConfig(Section):
     noise_dim: int = arch(16, gt=0)  # universal approximator: noise concatenated to the input
     conv_channels: list[int] = arch([32, 64])
     output: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli (sigmoid+BCE) for uint8 pixels
+    encoder_hidden: Optional[list[int]] = arch(None)  # width per network; default: hidden
+    decoder_hidden: Optional[list[int]] = arch(None)
+    batch_norm: bool = arch(False)  # batch norm in the encoder, its y and z outputs included (paper: clustering)
+    input_noise: float = Field(0.0, ge=0)  # std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)
+    input_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the encoder's input, training only (paper: 0.2 clustering)
+    init_std: Optional[float] = Field(None, gt=0)  # weights N(0, init_std^2), biases 0; default: torch's init
 
-    @field_validator("hidden", "disc_hidden", "conv_channels")
+    @field_validator("hidden", "disc_hidden", "conv_channels", "encoder_hidden", "decoder_hidden")
     @classmethod
     def _positive(cls, v):
+        if v is None:
+            return v
         if not v or any(int(h) <= 0 for h in v):
             raise ValueError("needs one or more positive layer sizes")
         return v
@@ -83,13 +91,16 @@ class PriorConfig(Section):
 
 class PhaseConfig(Section):
     lr: float = Field(gt=0)
-    beta1: float = 0.5
+    optimizer: Literal["adam", "sgd"] = "adam"
+    beta1: float = 0.5  # adam
     beta2: float = 0.999
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd (paper: 0.9 reconstruction/supervised, 0.1 adversarial)
+    decay_epochs: list[int] = []  # multiply lr by `decay` at each of these epochs (paper: /10 at epoch 50)
     every: int = Field(1, gt=0)  # run on steps where step % every == 0
     weight: float = Field(1.0, ge=0)  # loss weight
     schedule: Literal["constant", "cosine", "step"] = "constant"
     decay_every: int = Field(10_000, gt=0)  # schedule=step
-    decay: float = Field(0.1, gt=0)
+    decay: float = Field(0.1, gt=0)  # schedule=step and decay_epochs
 
 
 class DiscriminatorPhaseConfig(PhaseConfig):

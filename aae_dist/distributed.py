@@ -39,3 +39,20 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def average_buffers(modules) -> None:
+    """Make floating buffers (batch-norm running statistics) the mean over the workers, so every
+    replica holds the same state; DDP leaves buffers alone (broadcast_buffers=False)."""
+    if not distributed():
+        return
+    bufs = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()

@@ -12,8 +12,10 @@ import torch
 from . import seeds
 from .config import Config
 from .data import ShardStream
+from .distributed import all_gather
 from .distributed import all_reduce_ as _allreduce
 from .models import AAE
+from .scoring import cluster_scores, kmeans_baseline, logistic_baseline
 
 PARZEN_SIGMAS = np.logspace(np.log10(0.05), np.log10(1.0), 20)
 
@@ -33,8 +35,11 @@ class Evaluator:
         rank = self.rank if rank is None else rank
         return ShardStream(self.path, split, 500, rank=rank, world_size=world, shuffle=False, manifest=self.manifest)
 
-    @torch.no_grad()
     def run(self, split: str) -> dict:
+        with self.aae.evaluating():
+            return self._run(split)
+
+    def _run(self, split: str) -> dict:
         self.generator.manual_seed(seeds.evaluation(self.cfg.train.seed))
         enc, dec = self.nets["encoder"], self.nets["decoder"]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # recon*n, n, wrong, labelled
@@ -57,7 +62,7 @@ class Evaluator:
         if "classify_error" in wanted and sums[3] > 0:
             out["classify_error"] = float(sums[2] / sums[3])
         if "cluster_error" in wanted and self.manifest.labels:
-            out["cluster_error"] = self.cluster_error(split)
+            out.update(self.cluster_metrics(split))
         if self.cfg.model.regularizer == "adversarial" or self.cfg.model.posterior == "gaussian":
             out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])
         if self.cfg.train.parzen_samples:
@@ -66,25 +71,53 @@ class Evaluator:
         return out
 
     # ---- clustering ------------------------------------------------------------------------
-    def cluster_error(self, split: str) -> float:
-        """Label each cluster with the majority class of its training members, then test error."""
-        enc = self.nets["encoder"]
-        c = self.manifest.num_classes
-        counts = torch.zeros(self.k, c, dtype=torch.float64, device=self.device)
-        for x, y in self.stream("train").iter_epoch(0):
-            cl = enc(self.to_device(x), generator=self.generator).y_logits.argmax(1)
-            y = y.to(self.device)
-            # training labels are used here even where training hid them: this is the paper's evaluation
-            counts.index_put_((cl, y.clamp_min(0)), torch.ones_like(cl, dtype=torch.float64), accumulate=True)
-        _allreduce(counts)
-        mapping = counts.argmax(1)
-        wrong = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def assignments(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cluster, confidence q(y|x), label) of every sample of a split, gathered from all ranks."""
+        parts = []
         for x, y in self.stream(split).iter_epoch(0):
-            cl = enc(self.to_device(x), generator=self.generator).y_logits.argmax(1)
-            wrong[0] += (mapping[cl] != y.to(self.device)).sum()
-            wrong[1] += len(y)
-        _allreduce(wrong)
-        return float(wrong[0] / wrong[1])
+            p = torch.softmax(self.aae.encode(self.to_device(x), self.generator).y_logits.float(), 1)
+            conf, cl = p.max(1)
+            parts.append((cl.cpu().numpy(), conf.cpu().numpy(), y.numpy()))
+        mine = tuple(np.concatenate([p[i] for p in parts]) if parts else np.empty(0) for i in range(3))
+        everyone = all_gather(mine)
+        return tuple(np.concatenate([e[i] for e in everyone]) for i in range(3))
+
+    def cluster_metrics(self, split: str) -> dict:
+        """The paper's clustering error (clusters labelled by their most confident training sample), the
+        majority-vote error, and cluster usage.  Training labels are read here only to score."""
+        pool = self.assignments("train")
+        test = self.assignments(split)
+        return cluster_scores(pool[0], pool[1], pool[2].astype(np.int64), test[0], test[2].astype(np.int64), self.k)
+
+    # ---- baselines ---------------------------------------------------------------------------
+    def pixels(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = zip(*((self.to_device(x).flatten(1).cpu().numpy(), y.numpy()) for x, y in self.stream(split, 1, 0).iter_epoch(0)))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled training samples the run learnt from: data.labeled_per_class of them (the same
+        seeded choice as training makes), or the whole training split."""
+        d = self.cfg.data
+        if not d.labeled_per_class:
+            return self.pixels("train")
+        x, y = ShardStream(self.path, "train", 1, seed=self.cfg.train.seed, labeled_per_class=d.labeled_per_class,
+                           manifest=self.manifest).labelled_samples()
+        return self.to_device(torch.from_numpy(np.array(x))).flatten(1).cpu().numpy(), y
+
+    def baselines(self, split: str) -> dict:
+        """The floors the variant's metrics stand beside, on the same data: k-means on raw pixels with the
+        same number of clusters, and logistic regression on exactly the run's labelled samples."""
+        wanted = self.aae.variant.metrics
+        out: dict = {}
+        if not self.manifest.labels or not wanted:
+            return out
+        x_test, y_test = self.pixels(split)
+        if "cluster_error" in wanted:
+            x_pool, y_pool = self.pixels("train")
+            out.update(kmeans_baseline(x_pool, y_pool, x_test, y_test, self.k, seed=self.cfg.train.seed))
+        if "classify_error" in wanted:
+            out.update(logistic_baseline(*self.labelled(), x_test, y_test))
+        return out
 
     # ---- prior match -------------------------------------------------------------------------
     def prior_match(self, codes: torch.Tensor) -> float:

@@ -41,7 +41,7 @@ def evaluate(ref: str, data: str | None, split: str) -> dict:
         raise UserError(f"dataset {storage.redact(path)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
     ev = Evaluator(cfg, model, manifest, data_path=path)
     manifest.split(split, path)
-    return ev.run(split)
+    return {**ev.run(split), "baselines": ev.baselines(split)}
 
 
 # ---- sample ------------------------------------------------------------------------------------

@@ -28,7 +28,12 @@ def test_eval_prints_summary_metrics(trained, capsys, digits_url):
     capsys.readouterr()
     assert main(["eval", str(trained)]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    summary = json.loads((trained / "summary.json").read_text())["metrics"]
+    whole = json.loads((trained / "summary.json").read_text())
+    summary = whole["metrics"]
+    baselines = metrics.pop("baselines")
+    # the floor beside the figure: logistic regression on exactly the 100 labelled digits the run used
+    assert baselines["labelled_samples"] == 100 and 0 < baselines["logistic_classify_error"] < 0.9
+    assert baselines == pytest.approx(whole["baselines"])
     assert set(metrics) == set(summary) >= {"recon_loss", "classify_error", "parzen_ll", "parzen_ll_se", "prior_match"}
     assert metrics["recon_loss"] == pytest.approx(summary["recon_loss"], rel=1e-5)
     assert metrics["classify_error"] == pytest.approx(summary["classify_error"])

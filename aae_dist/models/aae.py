@@ -3,6 +3,8 @@ training, evaluation and inference share (normalise, encode, decode, reconstruct
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,18 @@ class AAE:
         for m in self.nets.values():
             m.eval()
         return self
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode (no input noise or dropout, batch-norm running statistics) for a while, then back."""
+        modes = {n: m.training for n, m in self.nets.items()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            for n, m in self.nets.items():
+                m.train(modes[n])
 
     # ---- data in -------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,14 @@ class Codes:
         return None if self.y_logits is None else torch.softmax(self.y_logits.float(), 1).to(self.y_logits.dtype)
 
 
-def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
+def mlp(sizes: list[int], final_activation: bool = False, batch_norm: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between them; batch_norm: BatchNorm1d after every hidden Linear."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or final_activation:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -67,15 +70,23 @@ class Encoder(nn.Module):
         else:
             self.trunk = nn.Flatten()
             feat = int(math.prod(shape))
-        self.body = mlp([feat + self.noise_dim] + list(cfg.hidden), final_activation=True)
+        hidden = cfg.encoder_hidden or cfg.hidden
+        self.input_noise = cfg.input_noise
+        self.dropout = nn.Dropout(cfg.input_dropout) if cfg.input_dropout else nn.Identity()
+        self.body = mlp([feat + self.noise_dim] + list(hidden), final_activation=True, batch_norm=cfg.batch_norm)
         # one head for y, z (and log-variance): every phase that uses the encoder uses all its parameters
-        self.head = nn.Linear(cfg.hidden[-1], self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1))
+        width = self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
+        self.head = nn.Linear(hidden[-1], width)
+        # batch norm on the y and z outputs (the paper's clustering encoder): it keeps the y logits large enough for a sharp softmax
+        self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
-        h = self.trunk(x)
+        if self.training and self.input_noise:  # Gaussian noise on the input, during training only
+            x = x + self.input_noise * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        h = self.dropout(self.trunk(x))
         if self.noise_dim:
             h = torch.cat([h, torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype, generator=generator)], 1)
-        out = self.head(self.body(h))
+        out = self.head_norm(self.head(self.body(h)))
         y_logits, out = (out[:, : self.num_y], out[:, self.num_y :]) if self.num_y else (None, out)
         if self.posterior != "gaussian":
             return Codes(z=out, y_logits=y_logits)
@@ -98,6 +109,7 @@ class Decoder(nn.Module):
         self.joins_y = reads in ("z+label", "z+y")
         self.cluster_heads = nn.Parameter(torch.randn(num_classes, cfg.latent_dim) * 1.0) if reads == "heads" else None
         in_dim = cfg.latent_dim + (num_classes if self.joins_y else 0)
+        hidden = cfg.decoder_hidden or cfg.hidden
         if cfg.kind == "conv":
             f = 2 ** len(cfg.conv_channels)
             self.base = (cfg.conv_channels[-1], shape[1] // f, shape[2] // f)
@@ -106,10 +118,10 @@ class Decoder(nn.Module):
             for a, b in zip(widths, widths[1:] + [shape[0]]):
                 layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU(inplace=True)]
             self.up = nn.Sequential(*layers[:-1])
-            self.body = mlp([in_dim] + list(cfg.hidden) + [int(math.prod(self.base))], final_activation=True)
+            self.body = mlp([in_dim] + list(hidden) + [int(math.prod(self.base))], final_activation=True)
         else:
             self.up = None
-            self.body = mlp([in_dim] + list(cfg.hidden) + [int(math.prod(shape))])
+            self.body = mlp([in_dim] + list(hidden) + [int(math.prod(shape))])
 
     def represent(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """What the decoder reads: the code, joined with y as the variant wants."""
@@ -156,4 +168,15 @@ def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 
             nets["discriminator_cat"] = Discriminator(cfg, num_classes)
     elif cfg.posterior != "gaussian":
         raise UserError("model.regularizer=kl (the VAE baseline) needs model.posterior=gaussian")
+    if cfg.init_std:
+        for net in nets.values():
+            init_weights(net, cfg.init_std)
     return nets
+
+
+def init_weights(net: nn.Module, std: float) -> None:
+    """Weights N(0, std^2), biases 0 (the paper's and several reproductions' small-scale initialisation)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)

@@ -181,19 +181,24 @@ def build_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
-def make_optimizer(phase: Phase, plain: dict[str, nn.Module], total_steps: int) -> None:
-    """Adam over the phase's networks plus its learning-rate schedule."""
+def make_optimizer(phase: Phase, plain: dict[str, nn.Module], total_steps: int, steps_per_epoch: int) -> None:
+    """Adam or SGD with momentum over the phase's networks, plus its learning-rate schedule
+    (counted in the phase's own updates, which match steps for phases that run every step)."""
+    c = phase.cfg
     params = [prm for n in phase.networks for prm in plain[n].parameters()]
     kw = {"foreach": True} if params and params[0].device.type != "cpu" else {}
-    phase.optimizer = torch.optim.Adam(params, lr=phase.cfg.lr, betas=(phase.cfg.beta1, phase.cfg.beta2), **kw)
-    c = phase.cfg
-    if c.schedule == "cosine":
-        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps)))  # noqa: E731
-    elif c.schedule == "step":
-        fn = lambda s: c.decay ** (s // c.decay_every)  # noqa: E731
+    if c.optimizer == "sgd":
+        phase.optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, **kw)
     else:
-        fn = lambda s: 1.0  # noqa: E731
-    phase.scheduler = torch.optim.lr_scheduler.LambdaLR(phase.optimizer, fn)
+        phase.optimizer = torch.optim.Adam(params, lr=c.lr, betas=(c.beta1, c.beta2), **kw)
+    if c.schedule == "cosine":
+        shape = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps)))  # noqa: E731
+    elif c.schedule == "step":
+        shape = lambda s: c.decay ** (s // c.decay_every)  # noqa: E731
+    else:
+        shape = lambda s: 1.0  # noqa: E731
+    edges = [e * steps_per_epoch for e in c.decay_epochs]
+    phase.scheduler = torch.optim.lr_scheduler.LambdaLR(phase.optimizer, lambda s: shape(s) * c.decay ** sum(s >= e for e in edges))
 
 
 class PhaseStates:

@@ -55,8 +55,11 @@ class Reporter:
             self.log_images(step)
         lg.maybe_upload()
 
-    @torch.no_grad()
     def log_images(self, step: int) -> None:
+        with self.aae.evaluating():
+            self._log_images(step)
+
+    def _log_images(self, step: int) -> None:
         x, y = self.viz
         aae = self.aae
         self.generator.manual_seed(seeds.evaluation(self.cfg.train.seed) + step)

@@ -21,7 +21,7 @@ def fingerprint(nets: dict) -> str:
     return h.hexdigest()
 
 
-def write_summary(trainer, metrics: dict, samples_per_s: float, train_s: float) -> dict:
+def write_summary(trainer, metrics: dict, baselines: dict, samples_per_s: float, train_s: float) -> dict:
     """Every rank calls this (it gathers); rank 0 writes the file and returns the summary."""
     t = trainer
     everyone = all_gather({"fingerprint": fingerprint(t.aae.nets), "node": t.session.node(), "device": str(t.device)})
@@ -37,6 +37,7 @@ def write_summary(trainer, metrics: dict, samples_per_s: float, train_s: float) 
         "train_s": train_s,
         "startup_s": t.startup_s,  # process start (driver) to first step
         "metrics": metrics,
+        "baselines": baselines,  # the same data's floors: k-means on pixels, logistic regression on the labelled samples
         "world_size": t.world,
         "device": str(t.device),
         "workers": [{"rank": r, "node": e["node"], "device": e["device"]} for r, e in enumerate(everyone)],

@@ -11,7 +11,7 @@ from .. import checkpoint, seeds
 from ..checkpoint import Checkpointer
 from ..config import Config
 from ..data import ShardStream, read_manifest
-from ..distributed import distributed, wrap
+from ..distributed import average_buffers, distributed, wrap
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..models import AAE
@@ -61,7 +61,7 @@ class Trainer:
         probe = session.stop_requested if self.rank == 0 else None
         self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world)
         for ph in self.phases:
-            make_optimizer(ph, self.aae.nets, self.coord.total_steps())
+            make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data))
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
         self.check_grads = cfg.train.nan_policy == "skip"  # one host sync per phase: only when asked for
         self.checkpointer = Checkpointer(
@@ -135,6 +135,7 @@ class Trainer:
                     self.startup_s = time.time() - self.started_at
                 means = self.train_step(self.aae.normalise(x), y.to(self.device, non_blocking=True))
                 if means is not None:
+                    average_buffers(self.aae.nets.values())  # batch-norm statistics: the same on every replica
                     self._check_numerics()
                 if rep:
                     rep.step(coord, means, self.phase_seconds, t_first, self.start_step, self.world)
@@ -146,9 +147,11 @@ class Trainer:
             rep.close_progress()
         train_s = time.perf_counter() - t_first if t_first else 0.0
         samples = (coord.step - self.start_step) * cfg.data.batch_size * self.world
-        metrics = self.evaluate() if coord.stop_reason != "interrupted" else {}
+        evaluator = Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world)
+        metrics = evaluator.run(self.eval_split) if coord.stop_reason != "interrupted" else {}
+        baselines = evaluator.baselines(self.eval_split) if metrics and self.rank == 0 else {}
         self.save_checkpoint(final=True, metrics=metrics)
-        return write_summary(self, metrics, samples / train_s if train_s else 0.0, train_s)
+        return write_summary(self, metrics, baselines, samples / train_s if train_s else 0.0, train_s)
 
     def _check_numerics(self) -> None:
         if self.coord.nonfinite_steps and self.cfg.train.nan_policy == "stop":
@@ -178,8 +181,6 @@ class Trainer:
             meta = self.checkpointer.restore(folder, self.cfg.model)
         return int(meta["step"])
 
-    def evaluate(self) -> dict:
-        return Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world).run(self.eval_split)
 
 
 def train_worker(payload: dict) -> None:
