@@ -8,6 +8,12 @@ import sys
 from .errors import UserError
 
 
+def storage_redact(url: str) -> str:
+    from .storage import redact
+
+    return redact(url)
+
+
 def cmd_shard(args) -> int:
     from .data.sources import load_source
     from .data.writer import write_dataset
@@ -42,9 +48,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .inference import evaluate, to_json
+    from .inference import evaluate, to_json, write_figures
 
     print(to_json(evaluate(args.ref, args.data, args.split)))
+    if args.plots:
+        for path in write_figures(args.ref, args.plots, args.data, args.split):
+            print(f"wrote {storage_redact(path)}", file=sys.stderr)
     return 0
 
 
@@ -109,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("--data", help="dataset URL (default: the run's data.path)")
     e.add_argument("--split", default="test")
+    e.add_argument("--plots", metavar="DIR", help="also write the paper's figures (codes, clusters, style x label, 2-D representation) as PNGs to DIR")
     e.set_defaults(func=cmd_eval)
 
     sm = sub.add_parser("sample", help="a PNG grid of decoded prior samples")

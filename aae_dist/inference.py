@@ -44,6 +44,26 @@ def evaluate(ref: str, data: str | None, split: str) -> dict:
     return {**ev.run(split), "baselines": ev.baselines(split)}
 
 
+def write_figures(ref: str, out: str, data: str | None = None, split: str = "test", n: int = 2000, seed: int = 0) -> list[str]:
+    """The paper's pictures of a trained run as PNG files in folder `out` (any fsspec URL)."""
+    from .data import ShardStream, read_manifest
+    from .figures import paper_figures
+    from .plots import to_png
+
+    cfg, model = load_run(ref)
+    path = data or cfg.data.path
+    manifest = read_manifest(path)
+    manifest.split(split, path)
+    x, y = next(iter(ShardStream(path, split, n, shuffle=False, drop_last=False, manifest=manifest).iter_epoch(0)))
+    written = []
+    with model.evaluating():
+        for name, fig in paper_figures(model, model.normalise(x), y.numpy(), torch.Generator().manual_seed(seed)).items():
+            dest = storage.join(out, f"{name}.png")
+            storage.write_bytes_atomic(dest, to_png(fig))
+            written.append(dest)
+    return written
+
+
 # ---- sample ------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -100,6 +120,12 @@ def _encode_shard(job: tuple) -> int:
             "label": pa.array(np.asarray(y)), "z": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])}
     if c.y_logits is not None:
         cols["y_pred"] = pa.array(c.y_logits.argmax(1).numpy())
+    if model.variant.decoder_input == "heads":  # dimensionality reduction: the 2-D representation y @ heads + z
+        from .figures import representation
+
+        with torch.no_grad():
+            r = representation(model, c).numpy().astype(np.float32)
+        cols["representation"] = pa.FixedSizeListArray.from_arrays(pa.array(r.reshape(-1)), r.shape[1])
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
     storage.write_bytes_atomic(storage.join(out, f"{split}-{shard_index:05d}.parquet"), buf.getvalue())

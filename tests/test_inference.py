@@ -92,3 +92,14 @@ def test_not_a_checkpoint_is_never_unpickled(tmp_path, capsys):
     assert main(["eval", str(ck)]) == 2
     assert "not a valid checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_eval_writes_the_papers_figures(trained, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["eval", str(trained), "--plots", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["clusters.png", "codes.png", "style_by_label.png"]  # semi-supervised: no 2-D representation
+    style = Image.open(out / "style_by_label.png")
+    clusters = Image.open(out / "clusters.png")
+    assert style.size[0] > 300 and clusters.size[1] > 300  # 10 labels across; 10 cluster rows down
+    assert len(np.unique(np.asarray(style.convert("L")))) > 20  # drawn images, not a blank canvas

@@ -11,16 +11,18 @@ from aae_dist.config import load_config
 from aae_dist.launch import preflight
 from aae_dist.training.trainer import train_in_process
 
-JOBS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "*.yaml")))
+HERE = os.path.join(os.path.dirname(__file__), "..", "jobs")
+JOBS = sorted(glob.glob(os.path.join(HERE, "*.yaml")) + glob.glob(os.path.join(HERE, "cpu", "*.yaml")))
 PAPER = ["mnist_aae", "mnist_mixture2d", "mnist_supervised", "mnist_semisupervised_100", "mnist_clustering_16", "mnist_dimreduction_2d"]
 
 
-def test_all_paper_experiments_have_a_config():
-    names = {os.path.basename(p)[:-5] for p in JOBS}
-    assert set(PAPER) <= names
+def test_all_paper_experiments_have_a_config_at_both_scales():
+    for folder in (HERE, os.path.join(HERE, "cpu")):
+        names = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(folder, "*.yaml"))}
+        assert set(PAPER) <= names, folder
 
 
-@pytest.mark.parametrize("path", JOBS, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: os.path.relpath(p, HERE))
 def test_job_config_trains_on_embedded_data(path, digits_url, tmp_path):
     cfg = load_config(path, [f"data.path={digits_url}", "train.max_steps=2", "train.parzen_samples=100", "train.progress=false",
                              "model.hidden=[32]", "model.disc_hidden=[32]"])

@@ -38,8 +38,10 @@ def test_one_worker_run_to_completion_with_tensorboard(tmp_path, digits_url):
                 "lr/reconstruction", "lr/discriminator", "lr/generator", "perf/samples_per_s", "time/generator_ms_per_step",
                 "final/recon_loss"]:
         assert tag in tags["scalars"], tag
-    for tag in ["images/inputs_and_reconstructions", "images/prior_samples", "codes/scatter"]:
+    for tag in ["images/inputs_and_reconstructions", "images/prior_samples", "figures/codes"]:
         assert tag in tags["images"], tag
+    codes = ea.Images("figures/codes")[-1]  # matplotlib: codes beside prior samples, with a colour bar
+    assert codes.width > 1.5 * codes.height > 300
     assert "codes/z" in tags["histograms"]
     recon = [e.value for e in ea.Scalars("loss/reconstruction")]
     assert recon[-1] < recon[0]  # it learns

@@ -30,7 +30,9 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     s = read_summary(run)
     assert s["world_size"] == 2 and s["replicas_in_sync"] and len(set(s["replica_fingerprints"])) == 1
     assert s["communication_per_step"]["generator"]["networks"] == ["encoder"]
-    ray_ckpts = [p for p in run.iterdir() if p.name.startswith("checkpoint_2")]  # Ray Train's timestamped folders
-    assert ray_ckpts and all((p / "state.pt").exists() and (p / "meta.json").exists() for p in ray_ckpts)
+    # Ray runs store checkpoints like in-process runs: checkpoint_step_N in the run folder, complete
+    ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
+    assert ckpts == ["checkpoint_step_000000005", "checkpoint_step_000000010"]
+    assert all((run / c / "state.pt").exists() and (run / c / "meta.json").exists() for c in ckpts)
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
 

@@ -71,8 +71,7 @@ class Encoder(nn.Module):
             self.trunk = nn.Flatten()
             feat = int(math.prod(shape))
         hidden = cfg.encoder_hidden or cfg.hidden
-        self.input_noise = cfg.input_noise
-        self.dropout = nn.Dropout(cfg.input_dropout) if cfg.input_dropout else nn.Identity()
+        self.input_noise, self.input_dropout = cfg.input_noise, cfg.input_dropout
         self.body = mlp([feat + self.noise_dim] + list(hidden), final_activation=True, batch_norm=cfg.batch_norm)
         # one head for y, z (and log-variance): every phase that uses the encoder uses all its parameters
         width = self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
@@ -81,9 +80,13 @@ class Encoder(nn.Module):
         self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
-        if self.training and self.input_noise:  # Gaussian noise on the input, during training only
-            x = x + self.input_noise * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        h = self.dropout(self.trunk(x))
+        if self.training:  # input noise and dropout, training only, drawn from the step's generator (exact resume)
+            if self.input_noise:
+                x = x + self.input_noise * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            if self.input_dropout:
+                keep = torch.rand(x.shape, device=x.device, generator=generator) >= self.input_dropout
+                x = x * keep / (1.0 - self.input_dropout)
+        h = self.trunk(x)
         if self.noise_dim:
             h = torch.cat([h, torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype, generator=generator)], 1)
         out = self.head_norm(self.head(self.body(h)))

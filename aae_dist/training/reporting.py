@@ -13,7 +13,8 @@ from .. import seeds
 from ..config import Config
 from ..data import ShardStream
 from ..models import AAE
-from ..plots import image_grid, scatter_image
+from ..figures import paper_figures
+from ..plots import image_grid, to_array
 from .tensorboard import TensorBoardLogger, flatten_config
 
 
@@ -70,9 +71,8 @@ class Reporter:
         self.logger.image("images/inputs_and_reconstructions", image_grid(_as_images(aae.displayable(pairs)), cols=16), step)
         samples = aae.sample(64, self.generator).float().cpu().numpy()
         self.logger.image("images/prior_samples", image_grid(_as_images(aae.displayable(samples)), cols=8), step)
-        codes = c.z.float().cpu().numpy()
-        pts = codes[:, :2] if codes.shape[1] >= 2 else np.c_[codes, np.zeros(len(codes))]
-        self.logger.image("codes/scatter", scatter_image(pts, y), step)
+        for name, fig in paper_figures(aae, x, y, self.generator).items():
+            self.logger.image(f"figures/{name}", to_array(fig), step)
         if c.y_logits is not None:
             self.logger.histogram("codes/y_argmax", c.y_logits.argmax(1), step)
         self.logger.histogram("codes/z", c.z, step)
