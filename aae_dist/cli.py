@@ -18,7 +18,8 @@ def cmd_shard(args) -> int:
     from .data.sources import load_source
     from .data.writer import write_dataset
 
-    src = load_source(args.source, image_size=args.image_size, channels=args.channels, test_fraction=args.test_fraction)
+    src = load_source(args.source, image_size=args.image_size, channels=args.channels, test_fraction=args.test_fraction,
+                      validation_size=args.validation_size)
     m = write_dataset(
         args.dest,
         src.splits,
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=28, help="images: resize to SIZE x SIZE")
     s.add_argument("--channels", type=int, default=1, help="images: 1 (grey) or 3 (RGB)")
     s.add_argument("--test-fraction", type=float, default=0.1, help="held-out share for sources without a test split")
+    s.add_argument("--validation-size", type=int, default=0,
+                   help="hold the last N training samples out as a 'validation' split (Parzen sigma is chosen there)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_shard)
 

@@ -17,7 +17,8 @@ from .distributed import all_reduce_ as _allreduce
 from .models import AAE
 from .scoring import cluster_scores, kmeans_baseline, logistic_baseline
 
-PARZEN_SIGMAS = np.logspace(np.log10(0.05), np.log10(1.0), 20)
+PARZEN_SIGMAS = np.logspace(-1, 0, 10)  # the standard protocol's grid (goodfeli/adversarial parzen_ll.py)
+PARZEN_VALIDATION = 1000  # images sigma is chosen on
 
 
 class Evaluator:
@@ -66,17 +67,17 @@ class Evaluator:
         if self.cfg.model.regularizer == "adversarial" or self.cfg.model.posterior == "gaussian":
             out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])
         if self.cfg.train.parzen_samples:
-            ll, se, sigma = self.parzen(split)
-            out.update(parzen_ll=ll, parzen_ll_se=se, parzen_sigma=sigma)
+            out.update(self.parzen(split))
         return out
 
     # ---- clustering ------------------------------------------------------------------------
     def assignments(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cluster, confidence q(y|x), label) of every sample of a split, gathered from all ranks."""
+        """(cluster, confidence log q(y|x), label) of every sample of a split, gathered from all ranks."""
         parts = []
         for x, y in self.stream(split).iter_epoch(0):
-            p = torch.softmax(self.aae.encode(self.to_device(x), self.generator).y_logits.float(), 1)
-            conf, cl = p.max(1)
+            # log q(y|x) in float64: softmax saturates at 1.0 for sharp codes, which would tie the most confident samples
+            logp = torch.log_softmax(self.aae.encode(self.to_device(x), self.generator).y_logits.double(), 1)
+            conf, cl = logp.max(1)
             parts.append((cl.cpu().numpy(), conf.cpu().numpy(), y.numpy()))
         mine = tuple(np.concatenate([p[i] for p in parts]) if parts else np.empty(0) for i in range(3))
         everyone = all_gather(mine)
@@ -129,18 +130,23 @@ class Evaluator:
         return float(t[0] / t[1])
 
     # ---- Parzen window -----------------------------------------------------------------------
-    def parzen(self, split: str) -> tuple[float, float, float]:
-        """Log-likelihood (nats) of the split under a Gaussian Parzen window on decoded prior samples;
-        sigma maximises the likelihood of a validation part of the training split (paper Table 1)."""
+    def parzen(self, split: str, sample=None) -> dict:
+        """Log-likelihood (nats) of the split under a Gaussian Parzen window on `train.parzen_samples`
+        decoded prior samples (or `sample(n, generator)` pixels); sigma from the standard grid maximises
+        the likelihood of 1,000 validation images: the 'validation' split where the dataset has one
+        (never trained on), else the first training images (said in `parzen_sigma_split`)."""
         g = torch.Generator(device=self.device).manual_seed(seeds.parzen(self.cfg.train.seed))  # same samples on every rank
+        sample = sample or self.aae.sample
         means = []
         remaining = self.cfg.train.parzen_samples
         while remaining > 0:
             n = min(2000, remaining)
-            means.append(self.aae.sample(n, g).flatten(1).double())
+            means.append(sample(n, g).flatten(1).double())
             remaining -= n
         mu = torch.cat(means)
-        val = torch.cat([self.to_device(x).flatten(1).double() for x, _ in self.stream("train", world=1, rank=0).iter_epoch(0)])[:1000]
+        sigma_split = "validation" if "validation" in self.manifest.splits else "train"
+        val = torch.cat([self.to_device(x).flatten(1).double()
+                         for x, _ in self.stream(sigma_split, world=1, rank=0).iter_epoch(0)])[:PARZEN_VALIDATION]
         best = max(PARZEN_SIGMAS, key=lambda s: float(parzen_ll(val, mu, s).mean()))
         acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, _ in self.stream(split).iter_epoch(0):
@@ -149,7 +155,9 @@ class Evaluator:
         _allreduce(acc)
         mean = acc[0] / acc[2]
         var = acc[1] / acc[2] - mean**2
-        return float(mean), float(torch.sqrt(var.clamp_min(0) / acc[2])), float(best)
+        return {"parzen_ll": float(mean), "parzen_ll_se": float(torch.sqrt(var.clamp_min(0) / acc[2])), "parzen_sigma": float(best),
+                "parzen_samples": len(mu), "parzen_sigma_split": sigma_split,
+                "parzen_sigma_at_grid_edge": bool(best in (PARZEN_SIGMAS[0], PARZEN_SIGMAS[-1]))}
 
 
 def parzen_ll(x: torch.Tensor, mu: torch.Tensor, sigma: float, chunk: int = 500) -> torch.Tensor:

@@ -102,3 +102,19 @@ def test_two_workers_every_variant_in_sync(tmp_path, make_dataset, variant):
         assert comm["discriminator_cat"]["networks"] == ["discriminator_cat"]
     if "classification" in comm:
         assert comm["classification"]["networks"] == ["encoder"]
+
+
+def test_parzen_sigma_is_chosen_on_a_validation_split_never_trained_on(tmp_path):
+    from aae_dist.cli import main as cli
+    from aae_dist.data import ShardStream, read_manifest
+
+    url = str(tmp_path / "digits-val")
+    assert cli(["shard", "digits", url, "--validation-size", "500", "--quiet"]) == 0
+    m = read_manifest(url)
+    assert (m.splits["train"].count, m.splits["validation"].count, m.splits["test"].count) == (4000, 500, 500)
+    train_x = next(iter(ShardStream(url, "train", 4000, shuffle=False, manifest=m).iter_epoch(0)))[0].numpy().reshape(4000, -1)
+    val_x = next(iter(ShardStream(url, "validation", 500, shuffle=False, manifest=m).iter_epoch(0)))[0].numpy().reshape(500, -1)
+    assert not ({r.tobytes() for r in val_x} & {r.tobytes() for r in train_x})  # no validation image is a training image
+    s = run(tmp_path, url, 20, "train.parzen_samples=300")
+    p = s["metrics"]
+    assert p["parzen_sigma_split"] == "validation" and p["parzen_samples"] == 300 and 0.1 <= p["parzen_sigma"] <= 1.0

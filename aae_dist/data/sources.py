@@ -22,19 +22,35 @@ class SourceData:
     class_names: list[str] | None = None
 
 
-def load_source(spec: str, *, image_size: int = 28, channels: int = 1, test_fraction: float = 0.1) -> SourceData:
+def load_source(spec: str, *, image_size: int = 28, channels: int = 1, test_fraction: float = 0.1,
+                validation_size: int = 0) -> SourceData:
     kind, _, arg = spec.partition(":")
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if kind == "digits" and not arg:
-        return load_digits(test_fraction)
-    if kind == "mnist-idx" and arg:
-        return load_mnist_idx(arg)
-    if kind == "npz" and arg:
-        return load_npz(arg, test_fraction)
-    if kind == "images" and arg:
-        return load_images(arg, image_size, channels, test_fraction)
-    raise UserError(f"unknown source '{spec}': use mnist-idx:DIR, npz:URL, images:DIR or digits")
+        src = load_digits(test_fraction)
+    elif kind == "mnist-idx" and arg:
+        src = load_mnist_idx(arg)
+    elif kind == "npz" and arg:
+        src = load_npz(arg, test_fraction)
+    elif kind == "images" and arg:
+        src = load_images(arg, image_size, channels, test_fraction)
+    else:
+        raise UserError(f"unknown source '{spec}': use mnist-idx:DIR, npz:URL, images:DIR or digits")
+    return with_validation(src, validation_size)
+
+
+def with_validation(src: SourceData, size: int) -> SourceData:
+    """Move the last `size` training samples into a 'validation' split that training never reads
+    (e.g. where Parzen's sigma is chosen; the paper uses MNIST's train[50000:60000])."""
+    if size <= 0:
+        return src
+    x, y = src.splits["train"]
+    if size >= len(x):
+        raise UserError(f"--validation-size {size} leaves no training samples (the source has {len(x)}): lower it")
+    src.splits["train"] = (x[:-size], None if y is None else y[:-size])
+    src.splits["validation"] = (x[-size:], None if y is None else y[-size:])
+    return src
 
 
 def holdout(x: np.ndarray, y: np.ndarray | None, test_fraction: float) -> dict:

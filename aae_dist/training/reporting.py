@@ -80,6 +80,7 @@ class Reporter:
     # ---- at the end -------------------------------------------------------------------------
     def finish(self, step: int, metrics: dict, summary: dict) -> None:
         lg = self.logger
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         lg.scalars({f"final/{k}": v for k, v in metrics.items()}, step)
         lg.writer.add_text("run/topology", f"world size {summary['world_size']}, {summary['nodes']} node(s): " + ", ".join(
             f"rank {w['rank']} on {w['node']} ({w['device']})" for w in summary["workers"]), step)
