@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an AAE (default: embedded digits, one local worker)")
     add_run_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue the named run from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="delete an existing run of this name first")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run of this name (deleted only once every check has passed)")
+    t.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config and the plan, write nothing")
     t.set_defaults(func=cmd_train)
     return p
 

@@ -147,6 +147,7 @@ class RunSection(Section):
     resources_per_worker: dict[str, float] = {}  # extra Ray resources each worker asks for (e.g. {"worker_node": 1})
     shared_storage: bool = False  # a local --storage path that is a mount shared by every node
     cpus_per_worker: Optional[int] = Field(None, gt=0)  # default: local Ray shares this machine's cores; a cluster gives 1
+    autoscaling: bool = False  # the cluster adds nodes on demand: do not refuse workers it cannot place now
     _range: tuple[int, int] = PrivateAttr((1, 1))
 
     @field_validator("workers", mode="before")

@@ -11,6 +11,7 @@ from . import storage
 from .config import Config, load_config, set_value
 from .errors import UserError
 from .ray_connect import connect_ray
+from .ray_failures import user_errors_are_final
 from .variants import variant
 
 DEFAULT_DATA_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "aae-dist", "digits")
@@ -107,15 +108,21 @@ def train_from_cli(args, started_at: float | None = None) -> int:
         cfg.run.storage = storage_url
     run_url = storage.join(storage_url, cfg.run.name)
     exists = run_exists(run_url)
-    if getattr(args, "resume", False) and not exists:
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    if resume and not exists:
         raise UserError(f"--resume: no run named '{cfg.run.name}' at {storage.redact(storage_url)}: check --name/--storage or drop --resume")
-    if exists and not getattr(args, "resume", False):
-        if not getattr(args, "overwrite", False):
-            raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
-        storage.remove(run_url)
+    if exists and not resume and not overwrite:
+        raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
     preflight(cfg)
-    if getattr(args, "resume", False):
+    if resume:
         check_resume(run_url, cfg)
+    if cfg.run.uses_ray:
+        check_feasible(cfg)
+    if getattr(args, "dry_run", False):
+        print(plan(cfg, run_url, exists and not resume))
+        return 0
+    if exists and not resume:
+        storage.remove(run_url)  # --overwrite: only once every check has passed
     if cfg.run.uses_ray:
         connect_ray(cfg.run.address)
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
@@ -138,6 +145,66 @@ def train_from_cli(args, started_at: float | None = None) -> int:
             f"recon_loss {summary['metrics']['recon_loss']:.4f}; run folder {storage.redact(run_url)}"
         )
     return 0
+
+
+def cpus_per_worker(cfg: Config) -> int:
+    """Asked per Ray worker: run.cpus_per_worker, else this machine's cores shared (local Ray) or 1 (a cluster)."""
+    if cfg.run.cpus_per_worker:
+        return cfg.run.cpus_per_worker
+    return max(1, (os.cpu_count() or 1) // max(1, cfg.run.worker_range[1])) if not cfg.run.address else 1
+
+
+def check_feasible(cfg: Config) -> None:
+    """Refuse, before anything starts, what the connected cluster can never place (Ray would retry
+    placing it forever); a cluster that adds nodes (run.autoscaling) is trusted to grow."""
+    if cfg.run.autoscaling:
+        return
+    lo, _ = cfg.run.worker_range
+    ask = {"CPU": float(cpus_per_worker(cfg)), **({"GPU": 1.0} if cfg.run.gpu else {}), **cfg.run.resources_per_worker}
+    if cfg.run.address:
+        import ray
+
+        connect_ray(cfg.run.address)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    else:  # the local Ray to be started: this machine
+        import torch
+
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    fits = sum(min(int(res.get(k, 0) // v) for k, v in ask.items() if v > 0) for res in nodes)
+    if fits < max(1, lo):
+        have = ", ".join(f"{k} {sum(r.get(k, 0) for r in nodes):g}" for k in ask)
+        raise UserError(f"the cluster can place {fits} of the {max(1, lo)} workers asked for ({', '.join(f'{k} {v:g}' for k, v in ask.items())} "
+                        f"each; it has {have} on {len(nodes)} node(s)): lower --workers or run.cpus_per_worker, "
+                        "or set run.autoscaling=true for a cluster that adds nodes")
+
+
+def plan(cfg: Config, run_url: str, replaces: bool) -> str:
+    """What `train` would do, for --dry-run."""
+    import yaml
+
+    from .data import read_manifest
+
+    lo, hi = cfg.run.worker_range
+    world = max(1, hi)
+    train = read_manifest(cfg.data.path).split("train", cfg.data.path)
+    per_epoch = (train.count // world) // cfg.data.batch_size
+    steps = cfg.train.epochs * per_epoch
+    if cfg.train.max_steps:
+        steps = min(steps, cfg.train.max_steps)
+    where = "in this process, no Ray" if hi == 0 else (f"{lo}..{hi} Ray workers (elastic)" if lo != hi else f"{hi} Ray worker(s)")
+    res = "" if hi == 0 else f", {cpus_per_worker(cfg)} CPU{' + 1 GPU' if cfg.run.gpu else ''} each"
+    lines = [
+        yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False).rstrip(),
+        "",
+        "plan (--dry-run: nothing was written):",
+        f"  workers: {where}{res}",
+        f"  data: {storage.redact(cfg.data.path)}: {train.count} training samples, batch {cfg.data.batch_size} per worker, "
+        f"{per_epoch} steps per epoch",
+        f"  steps: {steps} ({steps / max(1, per_epoch):.1f} epochs)",
+        f"  run folder: {storage.redact(run_url)}{' (would replace the existing run)' if replaces else ''}; "
+        f"a checkpoint every {cfg.train.checkpoint_every} steps, {cfg.train.keep_checkpoints} kept",
+    ]
+    return "\n".join(lines)
 
 
 def launch(cfg: Config, run_url: str, started_at: float) -> dict:
@@ -180,7 +247,7 @@ def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
     workers = (lo, hi) if lo != hi else hi
-    cpus = cfg.run.cpus_per_worker or (max(1, (os.cpu_count() or 1) // hi) if not cfg.run.address else 1)
+    cpus = cpus_per_worker(cfg)
     cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
         train_worker,
@@ -197,7 +264,8 @@ def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
         ),
     )
     try:
-        result = trainer.fit()
+        with user_errors_are_final():  # a UserError on any worker ends the run: no retry
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface a worker's UserError as one line
         raise _user_error_from(exc) from None
     if result.error:

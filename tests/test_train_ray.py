@@ -36,3 +36,21 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     assert all((run / c / "state.pt").exists() and (run / c / "meta.json").exists() for c in ckpts)
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
 
+
+
+def test_a_corrupt_shard_under_ray_ends_the_run_once(tmp_path, make_dataset):
+    """A deterministic error on the workers (a truncated shard) is not retried: exit 2, the shard named
+    in the last line, one attempt (Ray's failure policy logs no RETRY), even with train.max_failures=3."""
+    data, _, _ = make_dataset(1000, 100)
+    path = os.path.join(data, "train-00003.x.npy")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:-40])
+    sets = []
+    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=10", "train.max_failures=3"]:
+        sets += ["--set", s]
+    r = aae("train", "--workers", "2", "--storage", str(tmp_path / "runs"), "--name", "bad", *sets, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("aae-dist: error:") and "train-00003.x.npy" in last and "truncated" in last, last
+    assert "RETRY" not in out and out.count("[FailurePolicy]") <= 1, out[-3000:]
