@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the named run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of this name (deleted only once every check has passed)")
     t.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config and the plan, write nothing")
+    t.add_argument("--verbose", action="store_true", help="show Ray's own logs and the workers' output on the console")
     t.set_defaults(func=cmd_train)
     return p
 

@@ -10,7 +10,9 @@ import time
 from . import storage
 from .config import Config, load_config, set_value
 from .errors import UserError
-from .ray_connect import connect_ray
+from .console import ConsoleProgress, LocalBoard, Poller, ProgressBoard, final_table, start_line
+from .data import read_manifest
+from .ray_connect import connect_ray, ray_log_dir
 from .ray_failures import user_errors_are_final
 from .variants import variant
 
@@ -46,7 +48,6 @@ def resolve(args) -> Config:
 
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before a worker starts."""
-    from .data.format import read_manifest
     from .models.priors import build_prior
 
     hi = cfg.run.worker_range[1]
@@ -123,8 +124,11 @@ def train_from_cli(args, started_at: float | None = None) -> int:
         return 0
     if exists and not resume:
         storage.remove(run_url)  # --overwrite: only once every check has passed
+    verbose = getattr(args, "verbose", False)
     if cfg.run.uses_ray:
-        connect_ray(cfg.run.address)
+        connect_ray(cfg.run.address, verbose)
+    train_count = read_manifest(cfg.data.path).split("train", cfg.data.path).count
+    print(start_line(cfg, train_count, run_url, storage.redact), flush=True)
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
     from .training import interrupt
 
@@ -135,15 +139,15 @@ def train_from_cli(args, started_at: float | None = None) -> int:
         summary = launch(cfg, run_url, started_at)
     finally:
         restore()
+    logs = ray_log_dir() if cfg.run.uses_ray else None
     if summary and summary.get("stop_reason") == "interrupted":
         interrupt.clear_marker(run_url)
         print(f"aae-dist: interrupted at step {summary['steps']}: checkpoint saved; continue with --resume --name {cfg.run.name}", file=sys.stderr)
         return 130
     if summary:
-        print(
-            f"done: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "
-            f"recon_loss {summary['metrics']['recon_loss']:.4f}; run folder {storage.redact(run_url)}"
-        )
+        print(final_table(summary, dict(variant(cfg.model.variant).paper), run_url, storage.redact))
+        if logs:
+            print(f"Ray's logs (workers' output included): {logs}")
     return 0
 
 
@@ -182,8 +186,6 @@ def plan(cfg: Config, run_url: str, replaces: bool) -> str:
     """What `train` would do, for --dry-run."""
     import yaml
 
-    from .data import read_manifest
-
     lo, hi = cfg.run.worker_range
     world = max(1, hi)
     train = read_manifest(cfg.data.path).split("train", cfg.data.path)
@@ -208,11 +210,15 @@ def plan(cfg: Config, run_url: str, replaces: bool) -> str:
 
 
 def launch(cfg: Config, run_url: str, started_at: float) -> dict:
+    console = ConsoleProgress(enabled=cfg.train.progress)
     if not cfg.run.uses_ray:
         from .training.trainer import train_in_process
 
-        return train_in_process(cfg, run_url, started_at)
-    return launch_ray(cfg, run_url, started_at)
+        try:
+            return train_in_process(cfg, run_url, started_at, LocalBoard(console))
+        finally:
+            console.close()
+    return launch_ray(cfg, run_url, started_at, console)
 
 
 def check_shared_storage(storage_url: str, nodes: int) -> None:
@@ -234,7 +240,7 @@ def ray_storage(url: str) -> dict:
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
-def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
+def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsoleProgress) -> dict:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -243,6 +249,8 @@ def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
 
     lo, hi = cfg.run.worker_range
     connect_ray(cfg.run.address)
+    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+    poller = Poller(board, console)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
@@ -251,7 +259,7 @@ def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
     cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at},
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},
@@ -268,6 +276,8 @@ def launch_ray(cfg: Config, run_url: str, started_at: float) -> dict:
             result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface a worker's UserError as one line
         raise _user_error_from(exc) from None
+    finally:
+        poller.close()
     if result.error:
         raise _user_error_from(result.error)
     raw = storage.read_bytes(storage.join(run_url, "summary.json"))

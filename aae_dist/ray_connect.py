@@ -19,12 +19,32 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address}: {exc} (check --address and that the head node is up)") from None
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, verbose: bool = False) -> None:
+    """Join `address` or start a fresh local Ray (never a stale cluster from an earlier session).
+
+    Quiet unless verbose: workers' and Ray's own output stay in Ray's log folder (`ray_log_dir`),
+    not on the console.  The local dashboard (bound to 127.0.0.1) is kept: without it Ray's State
+    API is off and Ray Train's clean-up actor fails to query it every second."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
     if address:
         check_reachable(address)
-    # no --address: always a fresh local Ray ("local"), never a stale cluster from an earlier session
-    ray.init(address=address or "local", include_dashboard=False)
+    if not verbose:
+        for name in ("ray", "ray.train", "ray.data", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    kw = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    ray.init(address=address or "local", log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR, **kw)
+
+
+def ray_log_dir() -> str | None:
+    """Where this Ray session keeps its logs (workers' output included)."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_logs_dir_path()  # noqa: SLF001 - no public accessor in Ray 2.60
+    except Exception:  # noqa: BLE001
+        return None

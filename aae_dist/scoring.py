@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# which baseline each metric stands beside (keys of summary.json["baselines"])
+BASELINE_OF = {
+    "cluster_error": "kmeans_cluster_error",
+    "cluster_error_majority": "kmeans_cluster_error_majority",
+    "clusters_used": "kmeans_clusters_used",
+    "classify_error": "logistic_classify_error",
+}
+
 
 def cluster_scores(pool_cluster: np.ndarray, pool_conf: np.ndarray, pool_labels: np.ndarray,
                    test_cluster: np.ndarray, test_labels: np.ndarray, k: int) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Rank 0's view of a run for people: the progress bar, TensorBoard scalars, images and the final
-hparams.  The trainer hands it what it measured; nothing here changes training."""
+"""Rank 0's view of a run for people: progress posted to the driver's board (the driver draws the
+bar), TensorBoard scalars, images and the final hparams.  The trainer hands it what it measured;
+nothing here changes training."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from .. import seeds
 from ..config import Config
 from ..data import ShardStream
@@ -19,29 +18,29 @@ from .tensorboard import TensorBoardLogger, flatten_config
 
 
 class Reporter:
-    def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0):
+    def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0, feed=None):
         self.cfg, self.aae, self.phases = cfg, aae, phases
+        self.feed = feed
         self.logger = TensorBoardLogger(run_url, purge_step=resumed_step or None)
         data = ShardStream(cfg.data.path, eval_split, 512, shuffle=False, manifest=manifest)
         x, y = next(iter(data.iter_epoch(0)))
         self.viz = aae.normalise(x), y.numpy()
         self.generator = torch.Generator(device=aae.device)
-        self.bar = None
 
-    # ---- progress bar -----------------------------------------------------------------------
+    # ---- progress for the driver's bar ---------------------------------------------------------
     def start(self, step: int, total: int) -> None:
-        self.bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not self.cfg.train.progress, dynamic_ncols=True)
+        if self.feed is not None:
+            self.feed.put({"start": step, "step": step, "total": total})
 
-    def close_progress(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def warn(self, text: str) -> None:
+        """A warning the user can act on: the driver shows each text once."""
+        if self.feed is not None:
+            self.feed.warn(text)
 
-    # ---- per step ---------------------------------------------------------------------------
+    # ---- per sync ---------------------------------------------------------------------------
     def step(self, coord, means: dict | None, phase_seconds: dict, t_first: float, start_step: int, world: int) -> None:
-        self.bar.update(1)
         if means is None:
             return
-        self.bar.set_postfix({k.split("/")[0][:5]: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
         step, lg = coord.step, self.logger
         scalars = {f"loss/{k.split('/')[0]}": v for k, v in means.items() if k.endswith("/loss")}
         scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl")})
@@ -50,6 +49,9 @@ class Reporter:
             scalars[f"time/{ph.name}_ms_per_step"] = 1000 * phase_seconds[ph.name] / max(1, step - start_step)
         elapsed = time.perf_counter() - t_first
         scalars["perf/samples_per_s"] = (step - start_step) * self.cfg.data.batch_size * world / max(elapsed, 1e-9)
+        if self.feed is not None:
+            self.feed.put({"step": step, "total": coord.total_steps(), "epoch": coord.epochs_done, "samples_per_s": scalars["perf/samples_per_s"],
+                           "losses": {k.split("/")[0][:5]: v for k, v in means.items() if k.endswith("/loss")}})
         scalars["coordinator/skip_discriminator"] = float(coord.skip.get("discriminator", False))
         lg.scalars(scalars, step)
         if step % self.cfg.train.image_every < self.cfg.train.sync_every or coord.done():

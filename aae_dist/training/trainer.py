@@ -25,7 +25,7 @@ from .summary import write_summary
 
 
 class Trainer:
-    def __init__(self, cfg: Config, session: Session, started_at: float | None = None):
+    def __init__(self, cfg: Config, session: Session, started_at: float | None = None, feed=None):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world_size
         self.started_at = started_at if started_at is not None else time.time()
@@ -73,7 +73,7 @@ class Trainer:
         )
         self.resumed_from = self._restore()
         self.reporter = Reporter(cfg, self.aae, self.phases, session.run_url, self.eval_split, self.manifest,
-                                 resumed_step=self.coord.step) if self.rank == 0 else None
+                                 resumed_step=self.coord.step, feed=feed) if self.rank == 0 else None
 
     def _labelled_sampler(self):
         """Few labels: every step draws a labelled minibatch from the (small, identical on every
@@ -104,8 +104,9 @@ class Trainer:
                 if self.check_grads and not self._grads_finite(ph):
                     ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
                     self.coord.skipped_update()
-                    if self.rank == 0:
-                        print(f"aae-dist: warning: non-finite gradients in phase '{ph.name}' at step {self.coord.step}: update skipped", flush=True)
+                    if self.reporter:
+                        self.reporter.warn(f"non-finite gradients in phase '{ph.name}' (first at step {self.coord.step}): such updates are "
+                                           "skipped and counted in summary.json['skipped_updates']; lower that phase's lr if it recurs")
                     continue
                 ph.optimizer.step()
                 self.coord.record(ph, stats)
@@ -143,8 +144,6 @@ class Trainer:
                     self.save_checkpoint()
                 if coord.done() or coord.epoch != epoch:
                     break
-        if rep:
-            rep.close_progress()
         train_s = time.perf_counter() - t_first if t_first else 0.0
         samples = (coord.step - self.start_step) * cfg.data.batch_size * self.world
         evaluator = Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world)
@@ -184,10 +183,13 @@ class Trainer:
 
 
 def train_worker(payload: dict) -> None:
-    """Ray Train's train_loop_per_worker: payload = {"config": dict, "run_url": str, "started_at": float}."""
+    """Ray Train's train_loop_per_worker: payload = {"config", "run_url", "started_at", "board" (the driver's progress actor)}."""
+    from ..console import RemoteFeed
+
     cfg = Config.model_validate(payload["config"])
-    Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at")).fit()
+    feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
+    Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at"), feed).fit()
 
 
-def train_in_process(cfg: Config, run_url: str, started_at: float | None = None) -> dict:
-    return Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at).fit()
+def train_in_process(cfg: Config, run_url: str, started_at: float | None = None, feed=None) -> dict:
+    return Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at, feed).fit()

@@ -1,0 +1,168 @@
+"""What a person sees in the terminal during `aae-dist train`: one line saying what starts, one
+progress bar updated in place (fed by rank 0 through a channel, never by forwarded worker output),
+and a final table of the metrics beside their baselines and the paper's figures.
+
+The channel is a `ProgressBoard`: in-process it is called directly; under Ray it runs as a small
+actor that rank 0 posts to and the driver polls."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from tqdm import tqdm
+
+from .scoring import BASELINE_OF
+
+
+class ProgressBoard:
+    """Latest progress posted by rank 0 (a plain class; wrapped with ray.remote under Ray)."""
+
+    def __init__(self):
+        self.latest: dict = {}
+        self.warnings: list[str] = []
+        self.starts = 0
+
+    def put(self, update: dict) -> None:
+        if "start" in update:  # rank 0 (re)starting: a second start is a restart after a lost worker
+            self.starts += 1
+            if self.starts > 1:
+                self.warn(f"a worker was lost: the group restarted from step {update['start']} (restart {self.starts - 1})")
+        self.latest.update(update)
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def read(self) -> tuple[dict, list[str]]:
+        return dict(self.latest), list(self.warnings)
+
+
+class RemoteFeed:
+    """A worker's handle on the driver's board actor: posting never waits for the driver."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def put(self, update: dict) -> None:
+        self.actor.put.remote(update)
+
+    def warn(self, text: str) -> None:
+        self.actor.warn.remote(text)
+
+
+class ConsoleProgress:
+    """Draws the driver's progress bar from a board's latest update; warnings are shown once."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.shown: set[str] = set()
+
+    def show(self, latest: dict, warnings: list[str]) -> None:
+        for w in warnings:
+            if w not in self.shown:
+                self.shown.add(w)
+                (self.bar.write if self.bar else print)(f"aae-dist: warning: {w}", file=sys.stderr)
+        if not self.enabled or "total" not in latest:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=latest["total"], initial=latest.get("start", 0), desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        if latest == getattr(self, "_drawn", None):
+            return  # nothing new (e.g. during the final evaluation)
+        self._drawn = latest
+        self.bar.total = latest["total"]
+        self.bar.n = latest.get("step", self.bar.n)
+        post = {k: f"{v:.3f}" for k, v in latest.get("losses", {}).items()}
+        if "epoch" in latest:
+            post = {"epoch": f"{latest['epoch']:.1f}", **post}
+        if latest.get("samples_per_s"):
+            post["samples/s"] = f"{latest['samples_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LocalBoard(ProgressBoard):
+    """In-process: posting draws at once."""
+
+    def __init__(self, console: ConsoleProgress):
+        super().__init__()
+        self.console = console
+
+    def put(self, update: dict) -> None:
+        super().put(update)
+        self.console.show(*self.read())
+
+    def warn(self, text: str) -> None:
+        super().warn(text)
+        self.console.show(*self.read())
+
+
+class Poller:
+    """Under Ray: a driver thread that reads the board actor twice a second and draws."""
+
+    def __init__(self, actor, console: ConsoleProgress, every_s: float = 0.5):
+        self.actor, self.console, self.every_s = actor, console, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        while not self.stop.wait(self.every_s):
+            try:
+                self.console.show(*ray.get(self.actor.read.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - the bar is a courtesy; training goes on without it
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        try:
+            import ray
+
+            self.console.show(*ray.get(self.actor.read.remote(), timeout=5))
+        except Exception:  # noqa: BLE001
+            pass
+        self.console.close()
+
+
+def start_line(cfg, train_count: int, run_url: str, redact) -> str:
+    lo, hi = cfg.run.worker_range
+    m = cfg.model
+    where = "in this process" if hi == 0 else (f"{lo}..{hi} Ray workers" if lo != hi else f"{hi} Ray worker{'s' if hi > 1 else ''}")
+    return (f"aae-dist: training {m.variant} AAE ({m.kind} {m.hidden}, z {m.latent_dim}-d, prior {cfg.prior.kind}) on "
+            f"{redact(cfg.data.path)} ({train_count} samples), {where}; run folder {redact(run_url)}")
+
+
+def final_table(summary: dict, paper: dict[str, str], run_url: str, redact) -> str:
+    """The run's metrics beside the same data's baselines and the paper's figures."""
+    metrics, baselines = summary.get("metrics", {}), summary.get("baselines", {})
+    rows = [("metric", "this run", "baseline (same data)", "paper")]
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        base = BASELINE_OF.get(k)
+        rows.append((k, _fmt(k, v), f"{_fmt(k, baselines[base])} ({base})" if base in baselines else "", paper.get(k, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"done: {summary['steps']} steps ({summary['epochs']:.1f} epochs) in {summary['train_s'] / 60:.1f} min, "
+            f"{summary['samples_per_s']:.0f} samples/s, {summary['world_size']} worker(s)")
+    tail = [f"run folder: {redact(run_url)}", f"tensorboard --logdir {redact(run_url)}/tensorboard"]
+    return "\n".join([head, *lines, *tail])
+
+
+def _fmt(key: str, v: float) -> str:
+    if "error" in key:
+        return f"{100 * v:.2f}%"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
