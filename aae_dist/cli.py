@@ -82,6 +82,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from .config import describe
+
+    rows = describe()
+    width = max(len(r[0]) for r in rows)
+    for key, typ, default, meaning in rows:
+        if typ == "section":
+            print(f"\n{key}: {meaning}")
+        else:
+            print(f"  {key.ljust(width)}  {typ}  = {default}  {meaning}")
+    return 0
+
+
 def cmd_submit(args) -> int:
     from .submit import submit
 
@@ -114,28 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, sha256, shape)")
-    v.add_argument("url")
+    v.add_argument("url", help="dataset URL (folder holding manifest.json)")
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("eval", help="metrics of a trained run as JSON")
-    e.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
+    e.add_argument("ref", metavar="RUN_OR_CHECKPOINT", help="a run folder (its latest checkpoint) or a checkpoint_* folder")
     e.add_argument("--data", help="dataset URL (default: the run's data.path)")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", help="split to evaluate (default test)")
     e.add_argument("--plots", metavar="DIR", help="also write the paper's figures (codes, clusters, style x label, 2-D representation) as PNGs to DIR")
     e.set_defaults(func=cmd_eval)
 
     sm = sub.add_parser("sample", help="a PNG grid of decoded prior samples")
-    sm.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
-    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("ref", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint_* folder")
+    sm.add_argument("--n", type=int, default=64, help="samples in the grid (default 64)")
     sm.add_argument("--out", required=True, help="PNG file (any fsspec URL)")
     sm.add_argument("--label", type=int, help="fix the class (supervised, semi-supervised, label-regularised)")
     sm.add_argument("--interpolate", action="store_true", help="walk between two codes")
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     sm.set_defaults(func=cmd_sample)
 
     en = sub.add_parser("encode", help="codes (and predicted y) of a dataset as Parquet")
-    en.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
-    en.add_argument("--data", required=True)
+    en.add_argument("ref", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint_* folder")
+    en.add_argument("--data", required=True, help="dataset URL to encode")
     en.add_argument("--out", required=True, help="folder URL for <split>-NNNNN.parquet")
     en.add_argument("--split", action="append", help="splits to encode (default all)")
     en.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
@@ -143,24 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_encode)
 
     g = sub.add_parser("generate", help="N generated samples as a sharded dataset")
-    g.add_argument("ref", metavar="RUN_OR_CHECKPOINT")
-    g.add_argument("--n", type=int, required=True)
-    g.add_argument("--out", required=True)
-    g.add_argument("--shard-size", type=int, default=10_000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("ref", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint_* folder")
+    g.add_argument("--n", type=int, required=True, help="samples to generate")
+    g.add_argument("--out", required=True, help="dataset URL to write (shards + manifest.json)")
+    g.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     g.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
     g.add_argument("--address", help="Ray cluster address")
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     g.set_defaults(func=cmd_generate)
 
     sb = sub.add_parser("submit", help="submit a run as a Ray job to a cluster")
     sb.add_argument("--address", required=True, help="Ray dashboard/job API URL, e.g. http://head:8265")
-    sb.add_argument("--config")
-    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sb.add_argument("--workers")
-    sb.add_argument("--gpu", action="store_true")
+    sb.add_argument("--config", help="YAML config file")
+    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (see aae-dist config)")
+    sb.add_argument("--workers", help="number of Ray workers N, or MIN:MAX for elastic")
+    sb.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     sb.add_argument("--storage", help="run storage every node can reach (s3://, gs://, shared mount)")
-    sb.add_argument("--name")
+    sb.add_argument("--name", help="run name (default: a timestamp)")
     sb.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
     sb.add_argument("--command", dest="command_to_run", default="train", choices=["train", "eval", "generate"],
                     help="what the job runs (eval/generate take their arguments after --)")
@@ -170,13 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     jb = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
-    jb.add_argument("action", choices=["list", "status", "logs", "stop"])
-    jb.add_argument("job_id", nargs="?")
-    jb.add_argument("--address", required=True)
-    jb.add_argument("--follow", action="store_true")
+    jb.add_argument("action", choices=["list", "status", "logs", "stop"], help="what to do")
+    jb.add_argument("job_id", nargs="?", help="the job (see aae-dist jobs list)")
+    jb.add_argument("--address", required=True, help="Ray dashboard/job API URL, e.g. http://head:8265")
+    jb.add_argument("--follow", action="store_true", help="logs: keep streaming until the job ends")
     jb.set_defaults(func=cmd_jobs)
 
-    t = sub.add_parser("train", help="train an AAE (default: embedded digits, one local worker)")
+    cf = sub.add_parser("config", help="every config key with its type, default and meaning (for --set and YAML files)")
+    cf.set_defaults(func=cmd_config)
+
+    t = sub.add_parser(
+        "train", help="train an AAE (default: embedded digits, one local worker)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="most used config keys (--set KEY=VALUE or YAML):\n"
+               "  data.path, data.batch_size, data.labeled_per_class, model.variant, model.hidden, model.latent_dim,\n"
+               "  model.posterior, model.batch_norm, prior.kind, phases.<phase>.lr, train.epochs, train.max_steps,\n"
+               "  train.checkpoint_every, train.seed\n"
+               "every key with its type, default and meaning: aae-dist config; full examples: jobs/*.yaml, jobs/cpu/*.yaml")
     add_run_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue the named run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of this name (deleted only once every check has passed)")

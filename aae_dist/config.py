@@ -20,13 +20,13 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    path: str = ""  # dataset URL; empty = the embedded digits, sharded on first use
-    batch_size: int = Field(100, gt=0)  # per worker
-    shuffle_buffer: int = Field(16384, ge=0)
-    prefetch: int = Field(2, ge=0)
-    cache_dir: Optional[str] = None  # local cache for remote shards
-    labeled_per_class: Optional[int] = Field(None, gt=0)
-    eval_split: str = "test"
+    path: str = Field("", description="dataset URL; empty = the embedded digits, sharded on first use")
+    batch_size: int = Field(100, gt=0, description="per worker")
+    shuffle_buffer: int = Field(16384, ge=0, description="samples shuffled together in a rank's buffer (0: shard order only)")
+    prefetch: int = Field(2, ge=0, description="shards fetched ahead in background threads")
+    cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
+    labeled_per_class: Optional[int] = Field(None, gt=0, description="keep labels of only this many samples per class (seeded; semi-supervised)")
+    eval_split: str = Field("test", description="split the final metrics are computed on")
 
 
 
@@ -37,25 +37,25 @@ def arch(default, **kw):
 
 
 class ModelConfig(Section):
-    variant: Literal[VARIANTS] = arch("basic")  # the paper's AAE variants (Sec. 2-7), see aae_dist/variants.py
-    regularizer: Literal["adversarial", "kl"] = arch("adversarial")  # kl: the VAE baseline (gaussian posterior)
-    num_classes: Optional[int] = arch(None, gt=1)  # K of the categorical y; default: the dataset's classes
-    cluster_head_distance: float = Field(2.0, ge=0)  # dim_reduction: cluster heads closer than this are pushed apart
-    cluster_head_weight: float = Field(1.0, ge=0)
-    kind: Literal["mlp", "conv"] = arch("mlp")
-    hidden: list[int] = arch([1000, 1000])
-    disc_hidden: list[int] = arch([1000, 1000])
-    latent_dim: int = arch(8, gt=0)
-    posterior: Literal["deterministic", "gaussian", "universal"] = arch("deterministic")
-    noise_dim: int = arch(16, gt=0)  # universal approximator: noise concatenated to the input
-    conv_channels: list[int] = arch([32, 64])
-    output: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: bernoulli (sigmoid+BCE) for uint8 pixels
-    encoder_hidden: Optional[list[int]] = arch(None)  # width per network; default: hidden
-    decoder_hidden: Optional[list[int]] = arch(None)
-    batch_norm: bool = arch(False)  # batch norm in the encoder, its y and z outputs included (paper: clustering)
-    input_noise: float = Field(0.0, ge=0)  # std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)
-    input_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the encoder's input, training only (paper: 0.2 clustering)
-    init_std: Optional[float] = Field(None, gt=0)  # weights N(0, init_std^2), biases 0; default: torch's init
+    variant: Literal[VARIANTS] = arch("basic", description="the paper's AAE variants (Sec. 2-7), see aae_dist/variants.py")
+    regularizer: Literal["adversarial", "kl"] = arch("adversarial", description="kl: the VAE baseline (gaussian posterior)")
+    num_classes: Optional[int] = arch(None, gt=1, description="K of the categorical y; default: the dataset's classes")
+    cluster_head_distance: float = Field(2.0, ge=0, description="dim_reduction: cluster heads closer than this are pushed apart")
+    cluster_head_weight: float = Field(1.0, ge=0, description="dim_reduction: weight of the push between close cluster heads")
+    kind: Literal["mlp", "conv"] = arch("mlp", description="network family: the paper's MLPs or strided convolutions")
+    hidden: list[int] = arch([1000, 1000], description="hidden layer widths of encoder and decoder")
+    disc_hidden: list[int] = arch([1000, 1000], description="hidden layer widths of the discriminators")
+    latent_dim: int = arch(8, gt=0, description="dimensions of the code z")
+    posterior: Literal["deterministic", "gaussian", "universal"] = arch("deterministic", description="q(z|x): deterministic, gaussian (reparameterised) or universal (input noise)")
+    noise_dim: int = arch(16, gt=0, description="universal approximator: noise concatenated to the input")
+    conv_channels: list[int] = arch([32, 64], description="conv: channels of each stride-2 layer")
+    output: Literal["auto", "bernoulli", "gaussian"] = Field("auto", description="auto: bernoulli (sigmoid+BCE) for uint8 pixels")
+    encoder_hidden: Optional[list[int]] = arch(None, description="width per network; default: hidden")
+    decoder_hidden: Optional[list[int]] = arch(None, description="decoder widths; default: hidden")
+    batch_norm: bool = arch(False, description="batch norm in the encoder, its y and z outputs included (paper: clustering)")
+    input_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)")
+    input_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the encoder's input, training only (paper: 0.2 clustering)")
+    init_std: Optional[float] = Field(None, gt=0, description="weights N(0, init_std^2), biases 0; default: torch's init")
 
     @field_validator("hidden", "disc_hidden", "conv_channels", "encoder_hidden", "decoder_hidden")
     @classmethod
@@ -77,77 +77,77 @@ class ModelConfig(Section):
 
 
 class PriorConfig(Section):
-    kind: Literal["gaussian", "uniform", "gamma", "mixture", "swiss_roll", "categorical"] = "gaussian"
-    std: float = Field(1.0, gt=0)  # gaussian
-    low: float = -1.0  # uniform
-    high: float = 1.0
-    shape: float = Field(2.0, gt=0)  # gamma concentration
-    scale: float = Field(1.0, gt=0)  # gamma scale
-    components: int = Field(10, gt=0)  # mixture / swiss roll segments / categorical classes
-    radius: float = Field(4.0, gt=0)  # mixture: distance of component means from the origin
-    radial_std: float = Field(0.5, gt=0)
-    tangential_std: float = Field(0.1, gt=0)
+    kind: Literal["gaussian", "uniform", "gamma", "mixture", "swiss_roll", "categorical"] = Field("gaussian", description="the prior p(z) codes are matched to")
+    std: float = Field(1.0, gt=0, description="gaussian")
+    low: float = Field(-1.0, description="uniform")
+    high: float = Field(1.0, description="uniform: upper bound")
+    shape: float = Field(2.0, gt=0, description="gamma concentration")
+    scale: float = Field(1.0, gt=0, description="gamma scale")
+    components: int = Field(10, gt=0, description="mixture / swiss roll segments / categorical classes")
+    radius: float = Field(4.0, gt=0, description="mixture: distance of component means from the origin")
+    radial_std: float = Field(0.5, gt=0, description="mixture: spread of a component along its radius")
+    tangential_std: float = Field(0.1, gt=0, description="mixture: spread of a component across its radius")
 
 
 class PhaseConfig(Section):
-    lr: float = Field(gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    beta1: float = 0.5  # adam
-    beta2: float = 0.999
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd (paper: 0.9 reconstruction/supervised, 0.1 adversarial)
-    decay_epochs: list[int] = []  # multiply lr by `decay` at each of these epochs (paper: /10 at epoch 50)
-    every: int = Field(1, gt=0)  # run on steps where step % every == 0
-    weight: float = Field(1.0, ge=0)  # loss weight
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    decay_every: int = Field(10_000, gt=0)  # schedule=step
-    decay: float = Field(0.1, gt=0)  # schedule=step and decay_epochs
+    lr: float = Field(gt=0, description="learning rate")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum (the paper's)")
+    beta1: float = Field(0.5, description="adam")
+    beta2: float = Field(0.999, description="adam")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd (paper: 0.9 reconstruction/supervised, 0.1 adversarial)")
+    decay_epochs: list[int] = Field([], description="multiply lr by `decay` at each of these epochs (paper: /10 at epoch 50)")
+    every: int = Field(1, gt=0, description="run on steps where step % every == 0")
+    weight: float = Field(1.0, ge=0, description="loss weight")
+    schedule: Literal["constant", "cosine", "step"] = Field("constant", description="learning-rate shape over the run")
+    decay_every: int = Field(10_000, gt=0, description="schedule=step")
+    decay: float = Field(0.1, gt=0, description="schedule=step and decay_epochs")
 
 
 class DiscriminatorPhaseConfig(PhaseConfig):
-    repeat: int = Field(1, gt=0)  # D steps per generator step
-    input_noise: float = Field(0.0, ge=0)  # std of noise added to D's inputs
-    skip_above_accuracy: Optional[float] = Field(None, gt=0, le=1)  # skip D while its global accuracy is above
+    repeat: int = Field(1, gt=0, description="D steps per generator step")
+    input_noise: float = Field(0.0, ge=0, description="std of noise added to D's inputs")
+    skip_above_accuracy: Optional[float] = Field(None, gt=0, le=1, description="skip D while its global accuracy is above")
 
 
 class PhasesConfig(Section):
-    reconstruction: PhaseConfig = PhaseConfig(lr=1e-3, beta1=0.9)
-    discriminator: DiscriminatorPhaseConfig = DiscriminatorPhaseConfig(lr=2e-4)
-    discriminator_cat: DiscriminatorPhaseConfig = DiscriminatorPhaseConfig(lr=2e-4)  # D on the categorical y
-    generator: PhaseConfig = PhaseConfig(lr=2e-4)
-    classification: PhaseConfig = PhaseConfig(lr=1e-3, beta1=0.9)  # semi-supervised: y on labelled samples
+    reconstruction: PhaseConfig = Field(PhaseConfig(lr=1e-3, beta1=0.9), description="encoder+decoder minimise the reconstruction error")
+    discriminator: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D tells prior samples from codes")
+    discriminator_cat: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D on the categorical y")
+    generator: PhaseConfig = Field(PhaseConfig(lr=2e-4), description="the encoder learns to fool D")
+    classification: PhaseConfig = Field(PhaseConfig(lr=1e-3, beta1=0.9), description="semi-supervised: y on labelled samples")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)  # stop early when set
-    checkpoint_every: int = Field(500, gt=0)  # steps
-    keep_checkpoints: int = Field(3, gt=0)
-    max_failures: int = Field(3, ge=0)  # worker failures survived
-    seed: int = 0
-    warmup_steps: int = Field(0, ge=0)  # reconstruction-only steps first
-    sync_every: int = Field(20, gt=0)  # steps between the coordinator's reductions
-    target_recon_loss: Optional[float] = None  # stop once the reduced reconstruction loss is below
-    amp: bool = False  # bf16 autocast, GPU only
-    compile: bool = False  # torch.compile each network's forward
-    grad_compression: Literal["none", "fp16", "bf16"] = "none"  # all-reduce gradients in half precision (halves the bytes)
-    threads: Optional[int] = Field(None, gt=0)  # torch threads per worker
-    image_every: int = Field(500, gt=0)
-    nan_policy: Literal["skip", "stop"] = "stop"
-    progress: bool = True  # progress bar on rank 0
-    parzen_samples: int = Field(10_000, ge=0)  # decoded prior samples for parzen_ll at the end (0: skip)
+    epochs: int = Field(10, gt=0, description="passes over the training split")
+    max_steps: Optional[int] = Field(None, gt=0, description="stop early when set")
+    checkpoint_every: int = Field(500, gt=0, description="steps")
+    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
+    max_failures: int = Field(3, ge=0, description="worker failures survived")
+    seed: int = Field(0, description="seeds weights, data order, labelled subset and every random draw")
+    warmup_steps: int = Field(0, ge=0, description="reconstruction-only steps first")
+    sync_every: int = Field(20, gt=0, description="steps between the coordinator's reductions")
+    target_recon_loss: Optional[float] = Field(None, description="stop once the reduced reconstruction loss is below")
+    amp: bool = Field(False, description="bf16 autocast, GPU only")
+    compile: bool = Field(False, description="torch.compile each network's forward")
+    grad_compression: Literal["none", "fp16", "bf16"] = Field("none", description="all-reduce gradients in half precision (halves the bytes)")
+    threads: Optional[int] = Field(None, gt=0, description="torch threads per worker")
+    image_every: int = Field(500, gt=0, description="steps between TensorBoard images and figures")
+    nan_policy: Literal["skip", "stop"] = Field("stop", description="non-finite loss: stop (last checkpoint kept) or skip the update")
+    progress: bool = Field(True, description="progress bar on rank 0")
+    parzen_samples: int = Field(10_000, ge=0, description="decoded prior samples for parzen_ll at the end (0: skip)")
 
 
 class RunSection(Section):
-    name: str = ""  # empty: aae-YYYYmmdd-HHMMSS
-    storage: str = "runs"
-    workers: str = "1"  # N, or MIN:MAX (elastic); 0 = in-process, no Ray; parsed once into `worker_range`
-    gpu: bool = False
-    address: Optional[str] = None
-    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # where Ray puts the workers
-    resources_per_worker: dict[str, float] = {}  # extra Ray resources each worker asks for (e.g. {"worker_node": 1})
-    shared_storage: bool = False  # a local --storage path that is a mount shared by every node
-    cpus_per_worker: Optional[int] = Field(None, gt=0)  # default: local Ray shares this machine's cores; a cluster gives 1
-    autoscaling: bool = False  # the cluster adds nodes on demand: do not refuse workers it cannot place now
+    name: str = Field("", description="empty: aae-YYYYmmdd-HHMMSS")
+    storage: str = Field("runs", description="where run folders go (path or fsspec URL)")
+    workers: str = Field("1", description="N, or MIN:MAX (elastic); 0 = in-process, no Ray; parsed once into `worker_range`")
+    gpu: bool = Field(False, description="one GPU per worker (NCCL)")
+    address: Optional[str] = Field(None, description="Ray cluster to join; default: a fresh local Ray")
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description="where Ray puts the workers")
+    resources_per_worker: dict[str, float] = Field({}, description="extra Ray resources each worker asks for (e.g. {'worker_node': 1})")
+    shared_storage: bool = Field(False, description="a local --storage path that is a mount shared by every node")
+    cpus_per_worker: Optional[int] = Field(None, gt=0, description="default: local Ray shares this machine's cores; a cluster gives 1")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand: do not refuse workers it cannot place now")
     _range: tuple[int, int] = PrivateAttr((1, 1))
 
     @field_validator("workers", mode="before")
@@ -178,12 +178,12 @@ class RunSection(Section):
 
 
 class Config(Section):
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    prior: PriorConfig = PriorConfig()
-    phases: PhasesConfig = PhasesConfig()
-    train: TrainConfig = TrainConfig()
-    run: RunSection = RunSection()
+    data: DataConfig = Field(DataConfig(), description="the dataset and how it is read")
+    model: ModelConfig = Field(ModelConfig(), description="the networks and the variant")
+    prior: PriorConfig = Field(PriorConfig(), description="the prior p(z)")
+    phases: PhasesConfig = Field(PhasesConfig(), description="optimizer and schedule per phase")
+    train: TrainConfig = Field(TrainConfig(), description="length, checkpoints, numerics, evaluation")
+    run: RunSection = Field(RunSection(), description="run name, storage, workers, cluster")
 
     def to_dict(self, redact: bool = False) -> dict:
         """Plain data; redact=True drops credentials from URLs before the config is saved or logged."""
@@ -260,3 +260,31 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def describe(model: type[Section] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every config key, read from the model itself (so it cannot drift)."""
+    rows = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            rows.append((key, "section", "", f.description or ""))
+            rows += describe(ann, key + ".")
+            continue
+        default = f.default
+        rows.append((key, _type_name(ann), "(required)" if f.is_required() else repr(default), f.description or ""))
+    return rows
+
+
+def _type_name(ann) -> str:
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union:
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", str(ann))

@@ -58,3 +58,33 @@ def test_cli_rejects_before_any_worker(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown config key 'train.epoch'" in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_config_command_lists_every_key_with_type_default_and_meaning(capsys):
+    from aae_dist.cli import main
+    from aae_dist.config import Config, describe
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "resources_per_worker" else [f"{prefix}{k}"]
+
+    leaves = [r for r in describe() if r[1] != "section"]
+    assert sorted(r[0] for r in leaves) == sorted(flat(Config().to_dict()))  # generated from the model: nothing missing or extra
+    assert all(r[3] for r in describe()), [r[0] for r in describe() if not r[3]]  # every key has a meaning
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert all(r[0] in out for r in leaves)
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("model.batch_norm "))
+    assert "bool" in line and "False" in line and "batch norm" in line
+
+
+def test_every_flag_of_every_command_has_help():
+    from aae_dist.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"aae-dist {name} {(action.option_strings or [action.dest])[0]} has no help line"
+    assert "aae-dist config" in sub.choices["train"].format_help()
