@@ -1,20 +1,25 @@
 """Ray jobs: `aae-dist submit` and `aae-dist jobs list|status|logs|stop`, over JobSubmissionClient.
 
-The job carries this package as its working_dir (so the cluster runs exactly this code) and, with
---pip, the package's requirements.  Authentication tokens come from RAY_AUTH_TOKEN (Ray's own
-variable) and are never printed."""
+The job carries this package as a Ray `py_modules` entry (the `aae_dist` folder alone, whether
+installed in site-packages or checked out), so the cluster runs exactly this code; its working
+folder holds only the resolved config, written here.  With --pip it also installs the package's
+requirements.  Authentication tokens come from RAY_AUTH_TOKEN (Ray's own variable) and are never
+printed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import sys
-import time
+import tempfile
 
+from . import storage
 from .errors import UserError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # the aae_dist package folder, nothing around it
+JOB_CONFIG = "config.yaml"
 
 
 def client(address: str):
@@ -40,10 +45,28 @@ def explain(exc: BaseException, address: str) -> UserError:
     return UserError(f"Ray job API at {address} failed: {type(exc).__name__}: {text[:300]}")
 
 
-def runtime_env(pip: bool) -> dict:
+def job_folder(args) -> str:
+    """The job's working folder: the resolved config (credentials redacted; the cluster has its own) and nothing else."""
+    import yaml
+
+    from .config import load_config
+
+    folder = tempfile.mkdtemp(prefix="aae-job-")
+    if args.command_to_run == "train":
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.path and storage.is_local(cfg.data.path):
+            raise UserError(f"data.path {cfg.data.path} is a local path the cluster's workers cannot read: shard the data to "
+                            "storage every node reaches (aae-dist shard SOURCE s3://BUCKET/NAME) and pass that URL")
+        with open(os.path.join(folder, JOB_CONFIG), "w") as fh:
+            yaml.safe_dump(cfg.to_dict(redact=True), fh, sort_keys=False)
+    return folder
+
+
+def runtime_env(pip: bool, folder: str) -> dict:
     env: dict = {
-        "working_dir": PACKAGE_ROOT,
-        "excludes": [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", "benchmarks"],
+        "working_dir": folder,
+        "py_modules": [PACKAGE_DIR],
+        "excludes": ["**/__pycache__"],
         "env_vars": {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
     }
     if pip:
@@ -57,11 +80,7 @@ def train_entrypoint(args) -> str:
     if args.command_to_run != "train":  # eval / generate: their own arguments follow --
         extra = list(args.extra or []) + (["--address", "auto"] if args.command_to_run == "generate" else [])
         return "python -m aae_dist.cli " + " ".join(shlex.quote(c) for c in cmd + extra)
-    if args.config:
-        cmd += ["--config", os.path.relpath(os.path.abspath(args.config), PACKAGE_ROOT)
-                if os.path.abspath(args.config).startswith(PACKAGE_ROOT) else args.config]
-    for item in args.overrides:
-        cmd += ["--set", item]
+    cmd += ["--config", JOB_CONFIG]  # the resolved config in the job's working folder (--set folded in)
     for flag in ("workers", "storage", "name"):
         if getattr(args, flag, None):
             cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -80,10 +99,11 @@ def submit(args) -> int:
         set_value(run, "workers", str(args.workers), "--workers")
         if not run.uses_ray:
             raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
+    folder = job_folder(args)
     c = client(args.address)
     entry = train_entrypoint(args)
     try:
-        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip), submission_id=args.job_id)
+        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder), submission_id=args.job_id)
     except Exception as exc:  # noqa: BLE001
         raise explain(exc, args.address) from None
     print(job_id, flush=True)
@@ -92,22 +112,21 @@ def submit(args) -> int:
     return follow(c, job_id, args.address)
 
 
-def follow(c, job_id: str, address: str, poll_s: float = 1.0) -> int:
-    shown = 0
-    while True:
-        try:
-            status = str(c.get_job_status(job_id)).split(".")[-1]
-            logs = c.get_job_logs(job_id)
-        except Exception as exc:  # noqa: BLE001
-            raise explain(exc, address) from None
-        if len(logs) > shown:
-            sys.stdout.write(logs[shown:])
+def follow(c, job_id: str, address: str) -> int:
+    """Stream the job's logs with Ray's log-tailing API until it ends; exit status from its final state."""
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
             sys.stdout.flush()
-            shown = len(logs)
-        if status in TERMINAL:
-            print(f"job {job_id}: {status}", file=sys.stderr)
-            return 0 if status == "SUCCEEDED" else 1
-        time.sleep(poll_s)
+
+    try:
+        asyncio.run(tail())
+        status = str(c.get_job_status(job_id)).split(".")[-1]
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, address) from None
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def jobs_command(args) -> int:
