@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the job runs (eval/generate take their arguments after --)")
     sb.add_argument("--pip", action="store_true", help="install aae-dist's requirements in the job (clusters without it)")
     sb.add_argument("--job-id", help="submission id to use")
+    sb.add_argument("--dry-run", action="store_true", help="check the config and the cluster's job API, print what would be sent, submit nothing")
     sb.add_argument("extra", nargs="*", help="more arguments for the command, after --")
     sb.set_defaults(func=cmd_submit)
 

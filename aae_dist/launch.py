@@ -249,12 +249,11 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
 
     lo, hi = cfg.run.worker_range
     connect_ray(cfg.run.address)
-    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-    poller = Poller(board, console)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
     workers = (lo, hi) if lo != hi else hi
+    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()  # rank 0 posts progress here; the driver draws it
     cpus = cpus_per_worker(cfg)
     cfg.run.cpus_per_worker = cpus
     trainer = TorchTrainer(
@@ -271,6 +270,7 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),  # checkpoints: kept by aae-dist in the run folder
         ),
     )
+    poller = Poller(board, console)
     try:
         with user_errors_are_final():  # a UserError on any worker ends the run: no retry
             result = trainer.fit()

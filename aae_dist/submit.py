@@ -100,8 +100,14 @@ def submit(args) -> int:
         if not run.uses_ray:
             raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
     folder = job_folder(args)
-    c = client(args.address)
     entry = train_entrypoint(args)
+    if getattr(args, "dry_run", False):
+        from .ray_connect import check_reachable
+
+        check_reachable(args.address if "://" not in args.address else args.address.split("://", 1)[1])
+        print(plan(entry, runtime_env(args.pip, folder)))
+        return 0
+    c = client(args.address)
     try:
         job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder), submission_id=args.job_id)
     except Exception as exc:  # noqa: BLE001
@@ -110,6 +116,21 @@ def submit(args) -> int:
     if not args.follow:
         return 0
     return follow(c, job_id, args.address)
+
+
+def plan(entry: str, env: dict) -> str:
+    """What `submit` would send, for --dry-run: the entrypoint, the files that travel, the resolved config."""
+    lines = ["plan (--dry-run: nothing was submitted):", f"  entrypoint: {entry}"]
+    for module in env["py_modules"]:
+        files = [os.path.join(r, f) for r, _, fs in os.walk(module) for f in fs if "__pycache__" not in r]
+        lines.append(f"  py_modules: {module} ({len(files)} files, {sum(os.path.getsize(f) for f in files) / 1e3:.0f} kB)")
+    lines.append(f"  working_dir: {env['working_dir']}: {', '.join(sorted(os.listdir(env['working_dir']))) or '(empty)'}")
+    if env.get("pip"):
+        lines.append(f"  pip: {' '.join(env['pip'])}")
+    cfg = os.path.join(env["working_dir"], JOB_CONFIG)
+    if os.path.exists(cfg):
+        lines += ["", open(cfg).read().rstrip()]
+    return "\n".join(lines)
 
 
 def follow(c, job_id: str, address: str) -> int:
