@@ -1,4 +1,9 @@
-"""Start real Ray nodes on loopback for tests, and stop them by process group, also on failure."""
+"""Start real Ray nodes on loopback for tests, and stop them by process group, also on failure.
+
+Ray swaps 127.0.0.1 for the machine's interface address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+and in that mode refuses a second node.  So nodes take other loopback addresses (head 127.0.0.2,
+further nodes 127.0.0.3, ...), which Ray keeps as they are, and the variable is left unset: every
+byte stays on 127.0.0.0/8."""
 
 from __future__ import annotations
 
@@ -11,7 +16,15 @@ import subprocess
 import sys
 import time
 
-ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+HEAD_IP = "127.0.0.2"
+
+
+def loopback_env(extra: dict | None = None) -> dict:
+    """The environment for Ray processes of a multi-node loopback cluster (and drivers joining it)."""
+    env = {**os.environ, **ENV, **(extra or {})}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    return env
 
 
 def free_port() -> int:
@@ -28,8 +41,9 @@ class LocalCluster:
     """A head and optional extra nodes, each `ray start --block` in its own process group."""
 
     def __init__(self, extra_env: dict | None = None):
-        self.env = {**os.environ, **ENV, **(extra_env or {})}
+        self.env = loopback_env(extra_env)
         self.procs: list[subprocess.Popen] = []
+        self.nodes = 0
         self.port = free_port()
         self.dashboard_port = free_port()
 
@@ -40,31 +54,32 @@ class LocalCluster:
                 "--min-worker-port", "0", "--max-worker-port", "0"]
 
     def start_head(self, cpus: int, resources: dict | None = None) -> None:
-        cmd = [ray_exe(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-               "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+        cmd = [ray_exe(), "start", "--head", "--block", "--node-ip-address", HEAD_IP, "--port", str(self.port),
+               "--num-cpus", str(cpus), "--dashboard-host", HEAD_IP, "--dashboard-port", str(self.dashboard_port),
                "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
         self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.wait_port(self.port)
         self.wait_port(self.dashboard_port, timeout=90)
 
     def add_node(self, cpus: int, resources: dict | None = None) -> None:
-        cmd = [ray_exe(), "start", "--block", "--address", self.address, "--node-ip-address", "127.0.0.1",
+        self.nodes += 1
+        cmd = [ray_exe(), "start", "--block", "--address", self.address, "--node-ip-address", f"127.0.0.{2 + self.nodes}",
                "--num-cpus", str(cpus), "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
         self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{HEAD_IP}:{self.port}"
 
     @property
     def job_api(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{HEAD_IP}:{self.dashboard_port}"
 
     def wait_port(self, port: int, timeout: float = 60) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                socket.create_connection((HEAD_IP, port), 0.5).close()
                 return
             except OSError:
                 time.sleep(0.3)

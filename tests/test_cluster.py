@@ -2,8 +2,7 @@
 with `aae-dist submit`, a worker killed mid-run, local storage refused.  Everything started here is
 stopped by process group, also on failure.
 
-Ray refuses multi-node clusters in its loopback-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so
-these nodes use the machine's own interface address; nothing leaves the machine."""
+The nodes listen on 127.0.0.2 and 127.0.0.3 (see raycluster.py): all traffic stays on loopback."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from conftest import SMALL_MODEL
-from raycluster import LocalCluster
+from raycluster import LocalCluster, loopback_env
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +28,7 @@ FAULT_MARKER = f"/tmp/aae-fault-{os.getpid()}"
 def cluster(s3_server):
     bin_dir = os.path.dirname(sys.executable)
     # run "kill": rank 0 dies (SIGKILL) halfway through writing its step-10 checkpoint
-    c = LocalCluster({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    c = LocalCluster({"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                       "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}"})
     try:
         c.start_head(1, {"head_node": 1})
@@ -52,7 +51,7 @@ def s3_data(s3_server):
 
 
 def cli(*argv, env=None, timeout=400):
-    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", **(env or {})}
+    env = loopback_env({"TQDM_DISABLE": "1", **(env or {})})
     return subprocess.run([sys.executable, "-m", "aae_dist.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -107,7 +106,7 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "kill",
             *sets(f"data.path={s3_data}", "train.max_steps=40", "train.checkpoint_every=5", "run.placement=SPREAD", "data.batch_size=25")]
-    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    env = loopback_env({"TQDM_DISABLE": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -137,7 +136,7 @@ def test_sigterm_to_a_ray_driver_checkpoints_on_every_rank(cluster, s3_server, s
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "term",
             *sets(f"data.path={s3_data}", "train.epochs=1000", "train.checkpoint_every=7", "run.placement=SPREAD", "data.batch_size=25")]
-    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    env = loopback_env({"TQDM_DISABLE": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 200
