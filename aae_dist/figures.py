@@ -12,8 +12,9 @@ from .models import AAE
 from .plots import codes_figure, rows_figure, scatter_figure
 
 
-def _images(aae: AAE, pixels: torch.Tensor) -> np.ndarray:
-    imgs = aae.displayable(pixels.float().cpu().numpy())
+def as_images(aae: AAE, pixels) -> np.ndarray:
+    """Decoded pixels (tensor or array) as (N, C, H, W) display images in [0, 1]."""
+    imgs = aae.displayable(pixels.float().cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels)
     return imgs[:, :, None, :] if imgs.ndim == 3 else imgs  # (N, 1, D) vectors as 1-pixel-high strips
 
 
@@ -38,7 +39,7 @@ def paper_figures(aae: AAE, x: torch.Tensor, labels: np.ndarray, generator: torc
         k = aae.num_classes
         ys = torch.eye(k, device=aae.device)
         grid = torch.stack([aae.decode(z[i : i + 1].expand(k, -1), ys) for i in range(rows)])  # (rows, K, ...)
-        imgs = np.stack([_images(aae, g) for g in grid])
+        imgs = np.stack([as_images(aae, g) for g in grid])
         figs["style_by_label"] = rows_figure(imgs, [f"style {i}" for i in range(rows)], "style fixed per row, label per column",
                                              [str(c) for c in range(k)])
     if v.decoder_input == "heads":
@@ -53,7 +54,7 @@ def _clusters(aae: AAE, x: torch.Tensor, codes, per_row: int):
     p = torch.softmax(codes.y_logits.float(), 1)
     conf, cl = p.max(1)
     k = aae.num_classes
-    imgs = _images(aae, x)
+    imgs = as_images(aae, x)
     rows = np.ones((k, per_row) + imgs.shape[1:], np.float32)
     names = []
     for c in range(k):

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from .. import seeds
 from ..config import Config
 from ..data import ShardStream
 from ..models import AAE
-from ..figures import paper_figures
+from ..figures import as_images, paper_figures
 from ..plots import image_grid, to_array
 from .tensorboard import TensorBoardLogger, flatten_config
 
@@ -70,9 +69,9 @@ class Reporter:
         ydec = aae.decoder_y(c, torch.from_numpy(y).to(aae.device))
         recon = aae.decode(c.z[:32], None if ydec is None else ydec[:32]).float().cpu()
         pairs = torch.stack([x[:32].cpu(), recon], 1).flatten(0, 1).numpy()
-        self.logger.image("images/inputs_and_reconstructions", image_grid(_as_images(aae.displayable(pairs)), cols=16), step)
+        self.logger.image("images/inputs_and_reconstructions", image_grid(as_images(aae, pairs), cols=16), step)
         samples = aae.sample(64, self.generator).float().cpu().numpy()
-        self.logger.image("images/prior_samples", image_grid(_as_images(aae.displayable(samples)), cols=8), step)
+        self.logger.image("images/prior_samples", image_grid(as_images(aae, samples), cols=8), step)
         for name, fig in paper_figures(aae, x, y, self.generator).items():
             self.logger.image(f"figures/{name}", to_array(fig), step)
         if c.y_logits is not None:
@@ -91,7 +90,3 @@ class Reporter:
             lg.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)
         lg.close()
 
-
-def _as_images(imgs: np.ndarray) -> np.ndarray:
-    """(N, 1, D) vectors show as 1-pixel-high strips."""
-    return imgs[:, :, None, :] if imgs.ndim == 3 else imgs
