@@ -115,3 +115,26 @@ def read_summary(run_dir) -> dict:
 
     with open(os.path.join(run_dir, "summary.json")) as fh:
         return json.load(fh)
+
+
+@pytest.fixture(scope="session")
+def regular_install(tmp_path_factory):
+    """aae-dist installed with a plain (non-editable) `pip install .` into a fresh virtual environment; its
+    dependencies come from this environment through a .pth file (no downloads but the build backend).
+    Returns (python, site-packages, the installed aae_dist/__init__.py)."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("regular")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    with open(os.path.join(site, "deps.pth"), "w") as fh:
+        fh.write(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", repo], check=True, cwd=root)
+    where = subprocess.run([py, "-c", "import aae_dist; print(aae_dist.__file__)"], capture_output=True, text=True, cwd=root,
+                           check=True).stdout.strip()
+    assert where.startswith(site), where  # the regular install, not the checkout
+    return py, site, where

@@ -99,6 +99,23 @@ def ray_checkpoint_steps(s3_server, run):
                   if "/checkpoint_" in k and k.endswith("meta.json"))
 
 
+def test_submit_from_a_regular_install(cluster, s3_server, s3_data, regular_install, tmp_path):
+    """A job submitted from a non-editable install runs on the cluster; what travels is that install's
+    aae_dist folder alone (the dry run from the same interpreter lists it) and the resolved config."""
+    from test_submit import dry_run_plan
+
+    py, site, where = regular_install
+    module, kb, _ = dry_run_plan(py, cluster.job_api, tmp_path)
+    assert module == os.path.dirname(where) and kb < 1000
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    env = loopback_env({"TQDM_DISABLE": "1"})
+    proc = subprocess.run([py, "-m", "aae_dist.cli", "submit", "--address", cluster.job_api, "--workers", "1", "--storage", storage,
+                           "--name", "regular", "--follow", *sets(f"data.path={s3_data}", "train.max_steps=4")],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
+    assert s3_json(s3_server, "cluster/runs/regular/summary.json")["steps"] == 4
+
+
 def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_data):
     """Kill 1: rank 0 SIGKILLs itself while writing the step-10 checkpoint (fault injection).
     Kill 2: the test SIGKILLs a worker by pid once a later checkpoint exists.  The run finishes,

@@ -43,37 +43,27 @@ def test_a_local_data_path_is_refused_with_a_hint(tmp_path):
         job_folder(args(overrides=[f"data.path={tmp_path}/mnist"]))
 
 
-def test_submit_dry_run_from_a_non_editable_install_ships_no_site_packages(tmp_path):
+def dry_run_plan(py: str, address: str, cwd) -> tuple[str, float, str]:
+    """(py_modules folder, its size in kB, the whole plan) that `submit --dry-run` prints from interpreter `py`."""
+    import subprocess
+
+    r = subprocess.run([py, "-m", "aae_dist.cli", "submit", "--address", address, "--dry-run", "--workers", "2",
+                        "--set", "data.path=s3://bucket/mnist"], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("py_modules:"))
+    return line.split("py_modules:")[1].split(" (")[0].strip(), float(line.rsplit(",", 1)[1].split("kB")[0]), r.stdout
+
+
+def test_submit_dry_run_from_a_non_editable_install_ships_no_site_packages(regular_install, tmp_path):
     """`pip install .` (not editable) into a fresh virtual environment, then `aae-dist submit --dry-run`
     from it: the package that would travel is that install's aae_dist folder alone, a few hundred kB."""
     import socket
-    import subprocess
-    import sys
-    import sysconfig
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    # dependencies come from this environment (no downloads); aae-dist itself is a regular install
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    with open(os.path.join(site, "deps.pth"), "w") as fh:
-        fh.write(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", repo], check=True, cwd=tmp_path)
-    where = subprocess.run([py, "-c", "import aae_dist; print(aae_dist.__file__)"], capture_output=True, text=True, cwd=tmp_path,
-                           check=True).stdout.strip()
-    assert where.startswith(site) and "/work/" not in where.replace(str(tmp_path), "")  # the regular install, not the checkout
+    py, site, where = regular_install
     with socket.socket() as srv:  # something listening where the job API would be (the dry run only checks it answers)
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
-        port = srv.getsockname()[1]
-        r = subprocess.run([py, "-m", "aae_dist.cli", "submit", "--address", f"http://127.0.0.1:{port}", "--dry-run", "--workers", "2",
-                            "--set", "data.path=s3://bucket/mnist"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("py_modules:"))
-    module = line.split("py_modules:")[1].split(" (")[0].strip()
+        module, kb, out = dry_run_plan(py, f"http://127.0.0.1:{srv.getsockname()[1]}", tmp_path)
     assert module == os.path.dirname(where) and module.startswith(site)
-    kb = float(line.rsplit(",", 1)[1].split("kB")[0])
     assert kb < 1000  # the package alone; site-packages with torch would be gigabytes
-    assert "working_dir:" in r.stdout and f": {JOB_CONFIG}" in r.stdout and "nothing was submitted" in r.stdout
+    assert "working_dir:" in out and f": {JOB_CONFIG}" in out and "nothing was submitted" in out
