@@ -13,7 +13,7 @@ from .errors import UserError
 from .console import ConsoleProgress, LocalBoard, Poller, ProgressBoard, final_table, start_line
 from .data import read_manifest
 from .ray_connect import connect_ray, ray_log_dir
-from .ray_failures import user_errors_are_final
+from .ray_failures import USER_ERROR_MARK, user_errors_are_final
 from .variants import variant
 
 DEFAULT_DATA_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "aae-dist", "digits")
@@ -117,14 +117,14 @@ def train_from_cli(args, started_at: float | None = None) -> int:
     preflight(cfg)
     if resume:
         check_resume(run_url, cfg)
+    verbose = getattr(args, "verbose", False)
     if cfg.run.uses_ray:
-        check_feasible(cfg)
+        check_feasible(cfg, verbose)
     if getattr(args, "dry_run", False):
         print(plan(cfg, run_url, exists and not resume))
         return 0
     if exists and not resume:
         storage.remove(run_url)  # --overwrite: only once every check has passed
-    verbose = getattr(args, "verbose", False)
     if cfg.run.uses_ray:
         connect_ray(cfg.run.address, verbose)
     train_count = read_manifest(cfg.data.path).split("train", cfg.data.path).count
@@ -158,7 +158,7 @@ def cpus_per_worker(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.run.worker_range[1])) if not cfg.run.address else 1
 
 
-def check_feasible(cfg: Config) -> None:
+def check_feasible(cfg: Config, verbose: bool = False) -> None:
     """Refuse, before anything starts, what the connected cluster can never place (Ray would retry
     placing it forever); a cluster that adds nodes (run.autoscaling) is trusted to grow."""
     if cfg.run.autoscaling:
@@ -168,7 +168,7 @@ def check_feasible(cfg: Config) -> None:
     if cfg.run.address:
         import ray
 
-        connect_ray(cfg.run.address)
+        connect_ray(cfg.run.address, verbose)
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     else:  # the local Ray to be started: this machine
         import torch
@@ -286,9 +286,8 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
 
 def _user_error_from(exc: BaseException) -> BaseException:
     text = str(exc)
-    marker = "UserError: "
-    if marker in text:
-        return UserError(text.split(marker, 1)[1].splitlines()[0])
+    if USER_ERROR_MARK in text:
+        return UserError(text.split(USER_ERROR_MARK, 1)[1].splitlines()[0])
     cause = exc
     while cause is not None:
         if isinstance(cause, UserError):
