@@ -60,6 +60,8 @@ def preflight(cfg: Config) -> None:
     m = read_manifest(cfg.data.path)
     train = m.split("train", cfg.data.path)
     world = max(1, hi)
+    if train.count < world:
+        raise UserError(f"{world} workers but split 'train' of {storage.redact(cfg.data.path)} has only {train.count} samples: use fewer workers")
     if train.count // world < cfg.data.batch_size:
         raise UserError(
             f"{world} workers x data.batch_size={cfg.data.batch_size} needs at least {world * cfg.data.batch_size} training samples, "

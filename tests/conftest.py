@@ -38,13 +38,14 @@ def make_dataset(tmp_path):
     """Write an identifiable dataset; returns (url, x, y)."""
     from aae_dist.data.writer import write_dataset
 
-    def make(n=1000, shard_size=128, labels=True, url=None, test=100):
+    def make(n=1000, shard_size=128, labels=True, url=None, test=100, block_bytes=None):
         x, y = ident_arrays(n + test)
         url = url or str(tmp_path / f"ds{n}_{shard_size}")
         splits = {"train": (x[:n], y[:n] if labels else None)}
         if test:
             splits["test"] = (x[n:], y[n:] if labels else None)
-        write_dataset(url, splits, num_classes=10 if labels else 0, source="test", shard_size=shard_size, progress=False)
+        blocks = {"block_bytes": block_bytes} if block_bytes else {}
+        write_dataset(url, splits, num_classes=10 if labels else 0, source="test", shard_size=shard_size, progress=False, **blocks)
         return url, x[:n], y[:n]
 
     return make

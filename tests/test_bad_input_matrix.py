@@ -84,7 +84,8 @@ CASES = {
     "prior incompatible with latent": (lambda w: T(w, "prior.kind=mixture"), "2-D prior but model.latent_dim=8"),
     "prior incompatible with variant": (lambda w: T(w, "model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture",
                                                     "prior.components=4"), "prior.components=4 must equal the 10 classes"),
-    "more workers than samples": (lambda w: T(w, data="tiny", extra=["--workers", "4"]), "needs at least"),
+    # batch 1: the same run with 1 worker is valid (test_tiny_dataset_trains_with_one_worker); only the worker count is wrong
+    "more workers than samples": (lambda w: T(w, "data.batch_size=1", data="tiny", extra=["--workers", "4"]), "4 workers but split 'train'"),
     "--gpu without GPUs": (lambda w: T(w, extra=["--gpu"]), "no CUDA GPU is visible"),
     "unreachable address": (lambda w: T(w, extra=["--workers", "2", "--address", "127.0.0.1:1"]), "cannot reach the Ray cluster at 127.0.0.1:1"),
     "missing manifest": (lambda w: T(w, data="nomanifest"), "manifest.json is missing"),
@@ -120,6 +121,12 @@ def test_bad_input(world, case, capsys):
     assert {k: v for k, v in after.items() if k in before and not k.startswith("runs/new")} == {
         k: v for k, v in before.items() if not k.startswith("runs/new")}
     assert not [k for k in after if k not in before and not k.startswith("runs/new")], "stray files"
+
+
+def test_tiny_dataset_trains_with_one_worker(world):
+    """The control for "more workers than samples": the same config and data with one in-process worker trains."""
+    argv = T(world, "data.batch_size=1", "train.max_steps=2", "train.parzen_samples=0", name="tiny-ok", data="tiny")
+    assert main(argv) == 0
 
 
 def test_local_storage_refused_on_a_multi_node_cluster():

@@ -47,6 +47,42 @@ def test_sha256_mismatch(make_dataset, capsys):
     one_line_error(*run_cli(capsys, "verify", url), "train-00001.x.npy", "sha256")
 
 
+def flip_byte_in_sample(url: str, shard_file: str, sample: int, count: int, sample_bytes: int = 16) -> None:
+    path = os.path.join(url, shard_file)
+    data = bytearray(open(path, "rb").read())
+    header = len(data) - count * sample_bytes
+    data[header + sample * sample_bytes + 3] ^= 0xFF  # same size, different content
+    open(path, "wb").write(bytes(data))
+
+
+def test_ranged_read_verifies_every_byte_it_uses(make_dataset):
+    """Rank 1 of 2 reads samples 500-999 of the one shard: a byte flipped there is caught by the block
+    checksums of its range; rank 0, whose blocks do not hold it, reads its half and verifies it clean."""
+    url, x, _ = make_dataset(1000, 1000, block_bytes=1024)
+    flip_byte_in_sample(url, "train-00000.x.npy", 800, 1000)
+    with pytest.raises(UserError, match=r"shard .*train-00000\.x\.npy fails its sha256 check in bytes \d+-\d+"):
+        list(ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0))
+    got = np.concatenate([b.numpy() for b, _ in ShardStream(url, "train", 50, rank=0, world_size=2, shuffle=False).iter_epoch(0)])
+    assert (got == x[:500]).all()
+
+
+def test_format_1_dataset_is_read_and_checked_whole(make_dataset):
+    """A dataset written before block checksums (format 1) still reads; a ranged read checks the whole file."""
+    url, x, _ = make_dataset(1000, 1000)
+    doc = json.load(open(os.path.join(url, "manifest.json")))
+    doc["version"] = 1
+    for sp in doc["splits"].values():
+        for shard in sp["shards"]:
+            for f in ("x", "y"):
+                shard[f].pop("block_bytes"), shard[f].pop("blocks")
+    json.dump(doc, open(os.path.join(url, "manifest.json"), "w"))
+    got = np.concatenate([b.numpy() for b, _ in ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0)])
+    assert (got == x[500:]).all()
+    flip_byte_in_sample(url, "train-00000.x.npy", 100, 1000)  # in rank 0's half: rank 1 still sees it
+    with pytest.raises(UserError, match=r"train-00000\.x\.npy fails its sha256 check: corrupt"):
+        list(ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0))
+
+
 def test_truncated_shard_whole_and_ranged(make_dataset, capsys):
     url, _, _ = make_dataset(100, 100)
     path = os.path.join(url, "train-00000.x.npy")

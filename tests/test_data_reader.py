@@ -36,7 +36,7 @@ def test_every_sample_once_and_equal_batches(make_dataset, world, shard_size):
 def test_partial_shard_reads_only_its_byte_range(make_dataset, monkeypatch):
     from aae_dist import storage
 
-    url, _, _ = make_dataset(1000, 1000)
+    url, _, _ = make_dataset(1000, 1000, block_bytes=512)
     ranges = []
     real = storage.read_bytes
 
@@ -49,7 +49,11 @@ def test_partial_shard_reads_only_its_byte_range(make_dataset, monkeypatch):
     list(s.iter_epoch(0))
     x_reads = [r for r in ranges if r[0].endswith(".x.npy")]
     assert len(x_reads) == 1 and x_reads[0][1] is not None
-    assert x_reads[0][2] - x_reads[0][1] == 250 * 16  # 250 samples of 16 bytes
+    _, lo, hi = x_reads[0]
+    header = 128  # the .npy header of this array
+    a, b = header + 250 * 16, header + 500 * 16  # samples 250-499 of 16 bytes
+    assert lo <= a and b <= hi and lo % 512 == 0  # whole checksummed blocks that cover the range ...
+    assert a - lo < 512 and hi - b < 512  # ... and no more than that
 
 
 def test_shuffle_buffer_mixes_across_shards(make_dataset):
@@ -111,27 +115,30 @@ def test_labeled_per_class_same_on_all_ranks(make_dataset):
     assert sorted(ids2) == sorted(labeled)  # same choice whatever the rank count or epoch
 
 
-def test_prefetch_overlaps_reading(make_dataset, monkeypatch):
-    """The next segment is requested before the current one is consumed."""
+def test_prefetch_overlaps_reading(make_dataset):
+    """Segment 2 is read while the consumer still holds batch 1 and asks for nothing: the read happens
+    in the prefetch thread, not inside next().  (A reader that fetched lazily in next() would leave
+    segment 2 unread here and fail.)"""
     import threading
 
     url, _, _ = make_dataset(600, 100)
     s = ShardStream(url, "train", 100, shuffle=False, prefetch=1)
-    threads, calls = set(), []
     real = s.read_segment
+    first_taken, second_read, threads = threading.Event(), threading.Event(), set()
 
     def spy(seg):
-        calls.append(seg)
-        threads.add(threading.current_thread().name)
+        if seg.shard.name == "train-00001":
+            assert first_taken.wait(10)  # start reading segment 2 only once batch 1 is in the consumer's hands
+            out = real(seg)
+            threads.add(threading.current_thread().name)
+            second_read.set()
+            return out
         return real(seg)
 
     s.read_segment = spy
     it = s.iter_epoch(0)
     next(it)
-    import time
-
-    deadline = time.time() + 5
-    while len(calls) < 2 and time.time() < deadline:
-        time.sleep(0.01)
-    assert len(calls) >= 2  # segment 2 requested while batch 1 is still being consumed
-    assert all(t.startswith("shard-prefetch") for t in threads)
+    first_taken.set()
+    assert second_read.wait(10), "segment 2 was not read while batch 1 was being consumed"
+    assert threads and all(t.startswith("shard-prefetch") for t in threads)
+    assert len(list(it)) == 5

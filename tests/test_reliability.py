@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+import torch
+import re
 
 from aae_dist import storage
 from aae_dist.cli import main
@@ -135,19 +137,35 @@ def test_permanent_storage_failure_is_one_line_and_keeps_last_checkpoint(tmp_pat
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoint_step_000000006").iterdir()} == before
 
 
-def test_nan_policy_stop_names_phase_and_keeps_checkpoint(tmp_path, make_dataset, capsys):
-    data, _, _ = make_dataset(600, 100)
-    code = main(train_argv(tmp_path, data, "train.max_steps=40", "train.checkpoint_every=5", "phases.generator.lr=1e30",
-                           "phases.discriminator.lr=1e30", "train.warmup_steps=10"))  # healthy for 10 steps, then it blows up
-    err = capsys.readouterr().err
-    assert code == 2 and "non-finite loss in phase" in err and "last checkpoint is kept" in err
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_nan_policy_stop_within_the_step(tmp_path, make_dataset, capsys, workers):
+    """The discriminator's lr turns huge after 10 healthy warm-up steps; its weights overflow and the next
+    loss is non-finite.  The run stops inside that very step (not at the next sync: sync_every is 50 here),
+    names that step and phase, and its last checkpoint holds finite weights from just before it; with 2
+    DDP workers both ranks stop alike (exit 2, one line)."""
     from aae_dist.checkpoint import latest_in_run, read_local
+    from aae_dist.config import load_config
 
+    data, _, _ = make_dataset(600, 100)
+    sets = ["train.max_steps=40", "train.checkpoint_every=5", "train.sync_every=50", "phases.discriminator.lr=1e30", "train.warmup_steps=10"]
+    if workers == "0":
+        code = main(train_argv(tmp_path, data, *sets))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    else:
+        from aae_dist.training.multiprocess import run_processes
+
+        cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", *sets])
+        with pytest.raises(Exception) as info:
+            run_processes(cfg, str(tmp_path / "runs" / "r"), world=2)
+        err = str(info.value)
+    m = re.search(r"non-finite gradients in phase '(\w+)' at step (\d+): stopped before applying it; checkpoint_step_(\d+) holds", err)
+    assert m, err
+    phase, failing, kept = m.group(1), int(m.group(2)), int(m.group(3))
+    assert 10 < failing < 20 and kept == failing - 1 and phase in ("discriminator", "generator", "reconstruction")
     state, meta = read_local(latest_in_run(str(tmp_path / "runs" / "r")))
-    import torch
-
-    assert meta["step"] == 10
-    assert all(torch.isfinite(v).all() for v in state["models"]["encoder"].values())
+    assert meta["step"] == kept and meta["stopped_by"]["nonfinite_loss_at_step"] == failing
+    assert all(torch.isfinite(v).all() for part in state["models"].values() for v in part.values())
 
 
 def test_nan_policy_skip_drops_updates_on_every_rank(tmp_path, make_dataset):

@@ -48,12 +48,15 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
 
 
 def test_a_corrupt_shard_under_ray_ends_the_run_once(tmp_path, make_dataset):
-    """A deterministic error on the workers (a truncated shard) is not retried: exit 2, the shard named
-    in the last line, one attempt (the driver reports no restart), even with train.max_failures=3."""
-    data, _, _ = make_dataset(1000, 100)
-    path = os.path.join(data, "train-00003.x.npy")
-    blob = open(path, "rb").read()
-    open(path, "wb").write(blob[:-40])
+    """One byte flipped (same size) inside the samples only rank 1 reads, under 2 Ray workers: rank 1's
+    block checksums catch it; a deterministic error is not retried: exit 2, the shard named in the last
+    line, one attempt (no restart reported), even with train.max_failures=3."""
+    data, _, _ = make_dataset(1000, 1000, block_bytes=1024)  # one shard: rank 0 reads samples 0-499, rank 1 500-999
+    path = os.path.join(data, "train-00000.x.npy")
+    blob = bytearray(open(path, "rb").read())
+    header = len(blob) - 1000 * 16
+    blob[header + 800 * 16 + 5] ^= 0xFF  # inside sample 800, a block rank 0 never reads
+    open(path, "wb").write(bytes(blob))
     sets = []
     for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=10", "train.max_failures=3"]:
         sets += ["--set", s]
@@ -61,6 +64,6 @@ def test_a_corrupt_shard_under_ray_ends_the_run_once(tmp_path, make_dataset):
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("aae-dist: error:") and "train-00003.x.npy" in last and "truncated" in last, last
+    assert last.startswith("aae-dist: error:") and "train-00000.x.npy" in last and "sha256" in last, last
     assert "restarted" not in out and "Traceback" not in out, out[-3000:]
     assert len(out.splitlines()) <= 3, out[-3000:]  # the start line, the progress bar, the error

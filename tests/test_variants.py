@@ -86,22 +86,28 @@ def test_supervised_decoder_uses_the_label(tmp_path, digits_url):
     assert min(diffs) > 0.005 and sum(diffs) / len(diffs) > 0.04  # every label gives a different digit
 
 
-@pytest.mark.parametrize("variant", [["model.variant=semi_supervised", "data.labeled_per_class=5"],
-                                     ["model.variant=dim_reduction", "model.num_classes=10", "model.latent_dim=2", "data.labeled_per_class=5"],
-                                     ["model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture"]])
-def test_two_workers_every_variant_in_sync(tmp_path, make_dataset, variant):
+ALL_PHASES = {"reconstruction", "discriminator", "discriminator_cat", "generator", "classification"}
+
+
+@pytest.mark.parametrize("variant,phases", [
+    (["model.variant=semi_supervised", "data.labeled_per_class=5"], ALL_PHASES),
+    (["model.variant=dim_reduction", "model.num_classes=10", "model.latent_dim=2", "data.labeled_per_class=5"], ALL_PHASES),
+    (["model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture"], {"reconstruction", "discriminator", "generator"}),
+])
+def test_two_workers_every_variant_in_sync(tmp_path, make_dataset, variant, phases):
     data, _, _ = make_dataset(1000, 100)
     cfg = load_config(None, BASE + [f"data.path={data}", "train.max_steps=8", "train.checkpoint_every=4", "data.batch_size=50",
                                     "model.posterior=gaussian", *variant])
     run_processes(cfg, str(tmp_path / "r"), world=2)
     s = read_summary(tmp_path / "r")
-    assert s["replicas_in_sync"] and s["steps"] == 8
+    assert s["world_size"] == 2 and s["replicas_in_sync"] and s["steps"] == 8
     comm = s["communication_per_step"]
-    assert comm["generator"]["networks"] == ["encoder"]
-    if "discriminator_cat" in comm:
-        assert comm["discriminator_cat"]["networks"] == ["discriminator_cat"]
-    if "classification" in comm:
-        assert comm["classification"]["networks"] == ["encoder"]
+    assert set(comm) == phases  # every phase the variant has ran and reduced its gradients; no other
+    assert comm["generator"]["networks"] == ["encoder"] and comm["discriminator"]["networks"] == ["discriminator"]
+    if "discriminator_cat" in phases:
+        assert comm["discriminator_cat"]["networks"] == ["discriminator_cat"] and comm["discriminator_cat"]["bytes"] > 0
+    if "classification" in phases:
+        assert comm["classification"]["networks"] == ["encoder"] and comm["classification"]["bytes"] > 0
 
 
 def test_parzen_sigma_is_chosen_on_a_validation_split_never_trained_on(tmp_path):

@@ -4,6 +4,11 @@ Why `.npy`: a fixed header followed by raw C-order bytes, so a rank that owns on
 samples [a, b) of a shard fetches exactly that byte range (one ranged GET on object
 stores), parses with `numpy.frombuffer` (zero copy, no pickle) and needs no extra
 dependency.  Each shard is two files, `<split>-NNNNN.x.npy` and `.y.npy` (labels).
+
+Integrity: each file has a sha256 of the whole and (format 2) a sha256 per fixed-size block,
+so a rank that reads only a byte range still verifies every byte it uses: it fetches the
+blocks covering its range (at most two blocks more than it needs) and checks each.  Format-1
+datasets have no block list; their ranged reads fetch and check the whole file.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from .. import storage
 from ..errors import UserError
 
 FORMAT_NAME = "aae-dist-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BLOCK_BYTES = 1 << 20  # 1 MiB: ~70 bytes of manifest per MiB of data, at most 2 MiB read beyond a range
 MANIFEST = "manifest.json"
 LABEL_DTYPE = np.int64
 
@@ -31,6 +37,24 @@ class ArrayFile:
     bytes: int
     sha256: str
     header: int  # bytes before the first sample, for ranged reads
+    block_bytes: int = 0  # 0: no per-block checksums (format 1)
+    blocks: list[str] | None = None  # sha256 of bytes [i*block_bytes, (i+1)*block_bytes) of the file
+
+    def block_span(self, start: int, end: int) -> tuple[int, int]:
+        """The byte range [a, b) of whole blocks that covers bytes [start, end)."""
+        bs = self.block_bytes
+        return start // bs * bs, min(self.bytes, -(-end // bs) * bs)
+
+    def verify_blocks(self, data: bytes, start: int, url: str) -> None:
+        """`data` holds the file's bytes from `start`, a block boundary, to a block boundary or the end."""
+        bs = self.block_bytes
+        for off in range(0, len(data), bs):
+            i = (start + off) // bs
+            if i >= len(self.blocks) or sha256(data[off : off + bs]) != self.blocks[i]:
+                raise UserError(
+                    f"shard {storage.redact(url)} fails its sha256 check in bytes {start + off}-{start + off + len(data[off:off + bs])}: "
+                    "corrupt or replaced (re-shard the dataset)"
+                )
 
 
 @dataclass
@@ -149,6 +173,10 @@ def encode_npy(arr: np.ndarray) -> tuple[bytes, int]:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def block_digests(data: bytes, block_bytes: int) -> list[str]:
+    return [sha256(data[i : i + block_bytes]) for i in range(0, max(len(data), 1), block_bytes)]
 
 
 # numpy parses .npy headers with ast.literal_eval, and CPython's AST constructor is not safe to run

@@ -168,21 +168,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         dtype, shape = (self.dtype, self.shape) if which == "x" else (np.dtype(LABEL_DTYPE), ())
         url = storage.join(self.url, meta.file)
         whole = seg.start == 0 and seg.end == seg.shard.count
-        if self.cache_dir or whole:
+        item = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        a, b = meta.header + seg.start * item, meta.header + seg.end * item
+        if self.cache_dir or whole or not meta.blocks:  # format 1 has no block checksums: check the whole file
             data = self._fetch_whole(url, meta)
             if whole:
                 return decode_npy(data, url, dtype, shape, seg.shard.count)
-            source, base = data, meta.header
+            chunk = data[a:b]
         else:
             actual = storage.size(url)
             if actual != meta.bytes:
                 raise UserError(f"shard {storage.redact(url)} is {actual} bytes, manifest says {meta.bytes}: truncated or replaced (re-shard the dataset)")
-            source, base = None, meta.header
-        item = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        a, b = base + seg.start * item, base + seg.end * item
-        chunk = source[a:b] if source is not None else storage.read_bytes(url, a, b)
-        if len(chunk) != b - a:
-            raise UserError(f"shard {storage.redact(url)} is truncated: wanted bytes {a}-{b}, got {len(chunk)} (re-shard the dataset)")
+            lo, hi = meta.block_span(a, b)
+            blocks = storage.read_bytes(url, lo, hi)
+            if len(blocks) != hi - lo:
+                raise UserError(f"shard {storage.redact(url)} is truncated: wanted bytes {lo}-{hi}, got {len(blocks)} (re-shard the dataset)")
+            meta.verify_blocks(blocks, lo, url)
+            chunk = blocks[a - lo : b - lo]
         arr = np.frombuffer(chunk, dtype=dtype).reshape((seg.end - seg.start,) + tuple(shape))
         check_array(arr, url, dtype, shape, seg.end - seg.start)
         return arr

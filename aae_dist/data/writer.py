@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import UserError
-from .format import LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, encode_npy, sha256
+from .format import BLOCK_BYTES, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, encode_npy, sha256
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -22,6 +22,7 @@ def write_dataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    block_bytes: int = BLOCK_BYTES,
 ) -> Manifest:
     if shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
@@ -47,7 +48,7 @@ def write_dataset(
             for i, start in enumerate(range(0, len(x), shard_size)):
                 name = f"{split_name}-{i:05d}"
                 xs = x[start : start + shard_size]
-                shards.append(write_shard(dest, name, xs, y[start : start + shard_size] if has_labels else None))
+                shards.append(write_shard(dest, name, xs, y[start : start + shard_size] if has_labels else None, block_bytes))
                 bar.update(len(xs))
             out_splits[split_name] = Split(count=len(x), shards=shards)
 
@@ -64,13 +65,14 @@ def write_dataset(
     return manifest
 
 
-def write_shard(dest: str, name: str, x: np.ndarray, y: np.ndarray | None) -> Shard:
+def write_shard(dest: str, name: str, x: np.ndarray, y: np.ndarray | None, block_bytes: int = BLOCK_BYTES) -> Shard:
     """One shard's files; the caller writes the manifest that lists it."""
-    y_file = _write_array(dest, f"{name}.y.npy", y.astype(LABEL_DTYPE)) if y is not None else None
-    return Shard(name=name, count=len(x), x=_write_array(dest, f"{name}.x.npy", x), y=y_file)
+    y_file = _write_array(dest, f"{name}.y.npy", y.astype(LABEL_DTYPE), block_bytes) if y is not None else None
+    return Shard(name=name, count=len(x), x=_write_array(dest, f"{name}.x.npy", x, block_bytes), y=y_file)
 
 
-def _write_array(dest: str, file: str, arr: np.ndarray) -> ArrayFile:
+def _write_array(dest: str, file: str, arr: np.ndarray, block_bytes: int) -> ArrayFile:
     data, header = encode_npy(arr)
     storage.write_bytes_atomic(storage.join(dest, file), data)
-    return ArrayFile(file=file, bytes=len(data), sha256=sha256(data), header=header)
+    return ArrayFile(file=file, bytes=len(data), sha256=sha256(data), header=header, block_bytes=block_bytes,
+                     blocks=block_digests(data, block_bytes))
