@@ -31,7 +31,7 @@ def cmd_shard(args) -> int:
         progress=not args.quiet,
     )
     counts = ", ".join(f"{k}={v.count} in {len(v.shards)} shards" for k, v in m.splits.items())
-    print(f"wrote {src.name} to {args.dest}: {counts}; samples {m.dtype} {'x'.join(map(str, m.shape))}")
+    print(f"wrote {src.name} to {storage_redact(args.dest)}: {counts}; samples {m.dtype} {'x'.join(map(str, m.shape))}")
     return 0
 
 
@@ -61,7 +61,7 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from .inference import sample_grid
 
-    print(sample_grid(args.ref, args.n, args.out, label=args.label, interpolate=args.interpolate, seed=args.seed))
+    print(storage_redact(sample_grid(args.ref, args.n, args.out, label=args.label, interpolate=args.interpolate, seed=args.seed)))
     return 0
 
 
@@ -69,7 +69,7 @@ def cmd_encode(args) -> int:
     from .inference import encode
 
     n = encode(args.ref, args.data, args.out, splits=args.split, workers=args.workers, address=args.address)
-    print(f"encoded {n} samples to {args.out}")
+    print(f"encoded {n} samples to {storage_redact(args.out)}")
     return 0
 
 
@@ -78,7 +78,7 @@ def cmd_generate(args) -> int:
 
     n = generate(args.ref, args.n, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                  address=args.address, overwrite=args.overwrite)
-    print(f"generated {n} samples as a dataset at {args.out}")
+    print(f"generated {n} samples as a dataset at {storage_redact(args.out)}")
     return 0
 
 

@@ -30,12 +30,20 @@ def load_model(ref: str) -> AAE:
 
 # ---- eval --------------------------------------------------------------------------------------
 
+def run_data(cfg: Config, data: str | None) -> str:
+    """--data, else the run's own data.path, unless that was saved without its credentials."""
+    path = data or cfg.data.path
+    if storage.is_redacted(path):
+        raise UserError(f"the run's data.path {path} had credentials in its URL, which are never saved: pass the dataset with --data URL")
+    return path
+
+
 def evaluate(ref: str, data: str | None, split: str) -> dict:
     from .data import read_manifest
     from .evaluation import Evaluator
 
     cfg, model = load_run(ref)
-    path = data or cfg.data.path
+    path = run_data(cfg, data)
     manifest = read_manifest(path)
     if tuple(manifest.shape) != model.shape:
         raise UserError(f"dataset {storage.redact(path)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
@@ -51,7 +59,7 @@ def write_figures(ref: str, out: str, data: str | None = None, split: str = "tes
     from .plots import to_png
 
     cfg, model = load_run(ref)
-    path = data or cfg.data.path
+    path = run_data(cfg, data)
     manifest = read_manifest(path)
     manifest.split(split, path)
     x, y = next(iter(ShardStream(path, split, n, shuffle=False, drop_last=False, manifest=manifest).iter_epoch(0)))

@@ -21,9 +21,23 @@ def redact(url: str) -> str:
     return _SECRET_IN_URL.sub(r"\1***@", str(url))
 
 
+_S3_CREDENTIALS = re.compile(r"^(s3a?)://([^/@:]+):([^/@]+)@(.*)$")
+
+
+def has_credentials(url: str) -> bool:
+    return _SECRET_IN_URL.search(str(url)) is not None
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path for URL; an unknown protocol is a user error."""
+    """The filesystem and path for URL; an unknown protocol is a user error.  s3://KEY:SECRET@bucket/...
+    is accepted (s3fs alone would read 'KEY:SECRET@bucket' as the bucket): the credentials go to the
+    filesystem object, never into a path, a message or a log."""
+    creds = _S3_CREDENTIALS.match(str(url))
     try:
+        if creds:
+            proto, key, secret, rest = creds.groups()
+            fs = fsspec.filesystem("s3", key=key, secret=secret)
+            return fs, rest.rstrip("/") or rest
         fs, path = fsspec.core.url_to_fs(str(url))
     except (ImportError, ValueError) as exc:
         raise UserError(f"cannot open storage URL {redact(url)}: {exc} (install the extra, e.g. pip install 'aae-dist[s3]')")
@@ -54,6 +68,17 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) or any(k in name for k in ("Connection", "Timeout", "Endpoint", "ServerError", "Throttl", "SlowDown"))
 
 
+def _is_refusal(exc: BaseException) -> bool:
+    """The store answered, and the answer is about the request (bad bucket name, access denied): the user's to fix."""
+    name = type(exc).__name__
+    return isinstance(exc, PermissionError) or any(k in name for k in ("ParamValidation", "InvalidBucket", "AccessDenied", "NoSuchBucket"))
+
+
+def is_redacted(url: str) -> bool:
+    """A URL whose credentials were dropped when it was saved (redact) cannot be opened again."""
+    return "//***@" in str(url)
+
+
 def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None = None, base_delay: float = 0.5) -> T:
     """Run fn, retrying transient storage errors with exponential backoff.
 
@@ -64,6 +89,9 @@ def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None 
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_refusal(exc):
+                raise UserError(f"storage refused {what} {redact(url)}: {type(exc).__name__}: {_short(exc)} "
+                                "(check the URL, the bucket name and the credentials)") from None
             if not _is_transient(exc):
                 raise
             if attempt == attempts - 1:

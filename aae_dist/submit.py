@@ -45,6 +45,21 @@ def explain(exc: BaseException, address: str) -> UserError:
     return UserError(f"Ray job API at {address} failed: {type(exc).__name__}: {text[:300]}")
 
 
+def refuse_credentials(args) -> None:
+    """Ray keeps a job's command line, runtime environment and files in plain text (job table, dashboard,
+    logs): a URL with KEY:SECRET@ in it would be stored there, so it is refused, naming where it was."""
+    from .config import load_config
+
+    places = [("--storage", getattr(args, "storage", None))] + [("an argument after --", a) for a in (args.extra or [])]
+    if args.command_to_run == "train":
+        places.append(("data.path", load_config(args.config, args.overrides).data.path))
+    for where, value in places:
+        if value and storage.has_credentials(str(value)):
+            raise UserError(f"{where} ({storage.redact(str(value))}) carries credentials in the URL, which Ray would store in plain text: "
+                            "give the cluster its credentials through its environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                            "on every node) and drop KEY:SECRET@ from the URL")
+
+
 def job_folder(args) -> str:
     """The job's working folder: the resolved config (credentials redacted; the cluster has its own) and nothing else."""
     import yaml
@@ -99,6 +114,7 @@ def submit(args) -> int:
         set_value(run, "workers", str(args.workers), "--workers")
         if not run.uses_ray:
             raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
+    refuse_credentials(args)
     folder = job_folder(args)
     entry = train_entrypoint(args)
     if getattr(args, "dry_run", False):

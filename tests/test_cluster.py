@@ -6,6 +6,7 @@ The nodes listen on 127.0.0.2 and 127.0.0.3 (see raycluster.py): all traffic sta
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -92,6 +93,11 @@ def test_submit_two_workers_on_two_nodes(cluster, s3_server, s3_data):
     assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
     listed = cli("jobs", "list", "--address", cluster.job_api)
     assert job_id in listed.stdout
+    # the nodes hold the S3 secret in their environment: it reaches neither the job's output nor its Ray log
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    job_logs = glob.glob(f"/tmp/ray/session_*/logs/job-driver-{job_id}.log")
+    assert job_logs and secret not in proc.stdout + proc.stderr
+    assert all(secret.encode() not in open(p, "rb").read() for p in job_logs)
 
 
 def ray_checkpoint_steps(s3_server, run):

@@ -142,3 +142,42 @@ def test_prefetch_overlaps_reading(make_dataset):
     assert second_read.wait(10), "segment 2 was not read while batch 1 was being consumed"
     assert threads and all(t.startswith("shard-prefetch") for t in threads)
     assert len(list(it)) == 5
+
+def test_elastic_resize_mid_epoch_uses_every_sample_at_most_once(make_dataset):
+    """2 workers consume 7 batches each, the group grows to 3 (4 batches each), then shrinks to 1 and
+    finishes the epoch.  Across the three groups no sample repeats, and what is left out is only each
+    group's tail that does not fill a batch per rank (< world x (batch + 1) samples per group)."""
+    url, _, _ = make_dataset(1000, 128)
+    B, kw = 30, dict(seed=5, shuffle_buffer=300, drop_last=True)
+
+    def taken(world, stages, batches=None):
+        ids = []
+        for rank in range(world):
+            s = ShardStream(url, "train", B, rank=rank, world_size=world, **kw)
+            it = s.iter_epoch(2, stages=stages)
+            got = [ident(x.numpy()) for x, _ in (it if batches is None else (next(it) for _ in range(batches)))]
+            ids += [int(i) for b in got for i in b]
+        return ids
+
+    first = taken(2, (), 7)
+    second = taken(3, ((2, 7),), 4)
+    third = taken(1, ((2, 7), (3, 4)))
+    seen = first + second + third
+    assert len(first) == 2 * 7 * B and len(second) == 3 * 4 * B
+    assert len(seen) == len(set(seen)), "a sample was used twice in one epoch across the resize"
+    left = ShardStream(url, "train", B, world_size=1, **kw).remaining(2, ((2, 7), (3, 4)))
+    assert sorted(set(range(1000)) - set(first) - set(second)) == sorted(int(i) for i in ident_positions(url, 2, left, kw))
+    assert 0 < 1000 - len(seen) < B + 1  # only the last group's tail (less than a batch, 1 rank) is left out
+    # before the resize, the new plan is the old one: a group of 2 that never resized replays the same batches
+    again = taken(2, (), 7)
+    assert again == first
+    # the number of batches the grown group gets is what it really yields
+    s3 = ShardStream(url, "train", B, rank=0, world_size=3, **kw)
+    assert s3.stage_batches(2, ((2, 7),)) == len(list(s3.iter_epoch(2, stages=((2, 7),))))
+
+
+def ident_positions(url, epoch, positions, kw):
+    """Sample ids at sequence positions of an epoch (the shard order is shuffled per epoch)."""
+    s = ShardStream(url, "train", 30, **kw)
+    sample_at = np.concatenate([np.arange(sh.count) + int(sh.name.split("-")[1]) * 128 for sh, _ in s.layout(epoch)])
+    return sample_at[np.asarray(positions)]

@@ -58,16 +58,24 @@ def test_bf16_gradient_compression_halves_the_bytes(tmp_path, make_dataset):
 
 
 def test_resume_on_a_different_world_size_repartitions_the_epoch(tmp_path, make_dataset):
-    """Elastic resize: a checkpoint from 2 workers resumed by 1 continues the same epoch where the
-    samples consumed so far end, with the data re-partitioned over the new group."""
+    """Elastic resize, twice in one epoch: 2 workers use 600 samples, 1 worker 150 more, 2 workers finish
+    the epoch on what is left (250: 2 batches of 50 each; 50 samples too few for another step on both).
+    Each group's stage is recorded in the checkpoint; which samples each stage used is tested in
+    test_data_reader.py::test_elastic_resize_mid_epoch_uses_every_sample_at_most_once."""
+    from aae_dist.checkpoint import latest_in_run, read_local
+
     data, _, _ = make_dataset(1000, 100)
-    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6", "train.epochs=1"]
-    run_processes(load_config(None, base + ["train.max_steps=6"]), str(tmp_path / "e"), world=2)  # 6 x 2 x 50 = 600 samples
-    first = read_summary(tmp_path / "e")
-    assert first["epochs"] == 0.6
-    run_processes(load_config(None, base), str(tmp_path / "e"), world=1)  # 1 worker: batch 12 of 20, 8 steps to go
-    s = read_summary(tmp_path / "e")
-    assert s["resumed_from_step"] == 6 and s["steps"] == 14 and s["epochs"] == 1.0 and s["world_size"] == 1
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=3", "train.epochs=1"]
+    run = str(tmp_path / "e")
+    run_processes(load_config(None, base + ["train.max_steps=6"]), run, world=2)  # 6 x 2 x 50 = 600 samples
+    assert read_summary(run)["epochs"] == 0.6
+    run_processes(load_config(None, base + ["train.max_steps=9"]), run, world=1)  # 3 x 50 = 150 more
+    state, _ = read_local(latest_in_run(run))
+    assert state["coordinator"]["stages"] == [[2, 6]] and state["coordinator"]["batch"] == 3
+    assert read_summary(run)["epochs"] == 0.75
+    run_processes(load_config(None, base), run, world=2)
+    s = read_summary(run)
+    assert s["resumed_from_step"] == 9 and s["steps"] == 11 and s["epochs"] == 1.0 and s["world_size"] == 2
 
 
 def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):

@@ -104,53 +104,123 @@ class ShardStream(torch.utils.data.IterableDataset):
             return list(range(n))
         return [int(i) for i in np.random.default_rng(seeds.shuffle(self.seed, epoch)).permutation(n)]
 
-    def segments(self, epoch: int) -> list[Segment]:
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+    def layout(self, epoch: int) -> list[tuple[Shard, int]]:
+        """The epoch's sequence: the shards in this epoch's order, each with the position of its first sample."""
         out, offset = [], 0
         for idx in self.shard_order(epoch):
-            shard = self.split.shards[idx]
-            a, b = max(lo, offset), min(hi, offset + shard.count)
-            if a < b:
-                out.append(Segment(shard, a - offset, b - offset))
-            offset += shard.count
+            out.append((self.split.shards[idx], offset))
+            offset += self.split.shards[idx].count
         return out
 
-    def iter_epoch(self, epoch: int, skip: int = 0):
-        """Yield this epoch's batches, the first `skip` of them replayed but not returned."""
-        rng = np.random.default_rng(seeds.shuffle_buffer(self.seed, epoch, self.rank))
-        segs = self.segments(epoch)
-        B = self.batch_size
-        pool_x = np.empty((0,) + self.shape, self.dtype)
-        pool_y = np.empty((0,), LABEL_DTYPE)
-        emitted = 0
-        total = len(self)
-        keep = self.shuffle_buffer if self.shuffle else 0
-        # several workers: remote shards download in parallel while the current one is consumed
+    def segments(self, epoch: int, mine: range | np.ndarray | None = None) -> list[tuple[Segment, np.ndarray | None]]:
+        """The shard ranges holding this rank's positions `mine` (default: its contiguous share), each with
+        the indices to keep inside it (None: all of it)."""
+        if mine is None:
+            mine = range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        out = []
+        for shard, offset in self.layout(epoch):
+            if isinstance(mine, range):
+                a, b = max(mine.start, offset), min(mine.stop, offset + shard.count)
+                if a < b:
+                    out.append((Segment(shard, a - offset, b - offset), None))
+                continue
+            i, j = np.searchsorted(mine, [offset, offset + shard.count])
+            if i < j:
+                local = mine[i:j] - offset
+                seg = Segment(shard, int(local[0]), int(local[-1]) + 1)
+                out.append((seg, None if j - i == seg.end - seg.start else local - seg.start))
+        return out
+
+    # ---- elastic resize: what is left of an interrupted epoch ---------------------------------
+    def remaining(self, epoch: int, stages) -> np.ndarray:
+        """Sorted positions of the epoch not consumed by its completed stages [(world_size, batches), ...]:
+        each stage's ranks are replayed on indices only (no data read) to find exactly what they used."""
+        left = None
+        for k, (world, batches) in enumerate(stages):
+            used = [self._replay(epoch, rank, k, self.share(left, rank, world), batches) for rank in range(world)]
+            base = np.arange(self.split.count) if left is None else left
+            left = np.setdiff1d(base, np.concatenate(used), assume_unique=True)
+        return np.arange(self.split.count) if left is None else left
+
+    def share(self, left: np.ndarray | None, rank: int, world: int) -> range | np.ndarray:
+        """Rank `rank`'s contiguous share of the positions `left` (None: the whole epoch)."""
+        if left is None:
+            n = self.split.count // world
+            return range(rank * n, (rank + 1) * n)
+        m = len(left) // world
+        return left[rank * m : (rank + 1) * m]
+
+    def stage_batches(self, epoch: int, stages) -> int:
+        """Batches per rank in the current stage of `epoch` (after a resize, fewer than len(self))."""
+        if not stages:
+            return len(self)
+        m = len(self.remaining(epoch, stages)) // self.world_size
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def _replay(self, epoch: int, rank: int, stage: int, mine, batches: int) -> np.ndarray:
+        """The positions rank `rank` consumed in its first `batches` batches of that stage."""
+        starts = {id(shard): offset for shard, offset in self.layout(epoch)}
+        segs = self.segments(epoch, mine)
+
+        def positions():
+            for seg, keep in segs:
+                pos = starts[id(seg.shard)] + np.arange(seg.start, seg.end)
+                yield (pos if keep is None else pos[keep],)
+
+        out = [b[0] for b in self._emit(epoch, rank, stage, len(mine), positions(), len(segs), 0, limit=batches)]
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    # ---- the batches ----------------------------------------------------------------------------
+    def iter_epoch(self, epoch: int, skip: int = 0, stages=()):
+        """Yield this epoch's batches, the first `skip` of them replayed but not returned.  `stages`: the
+        (world_size, batches) of earlier worker groups in this epoch (elastic resize), whose samples are
+        left out: across the groups every sample of the epoch is used at most once."""
+        mine = self.share(self.remaining(epoch, stages) if stages else None, self.rank, self.world_size)
+        segs = self.segments(epoch, mine)
+        for x, y in self._emit(epoch, self.rank, len(stages), len(mine), self._read_ahead(segs), len(segs), skip):
+            yield _tensor(x), _tensor(y)
+
+    def _read_ahead(self, segs):
+        """Each segment's (x, y); several workers: remote shards download while the current one is consumed."""
         with ThreadPoolExecutor(max_workers=max(1, self.prefetch), thread_name_prefix="shard-prefetch") as pool:
-            futures = [pool.submit(self.read_segment, s) for s in segs[: self.prefetch + 1]]
+            futures = [pool.submit(self.read_segment, s) for s, _ in segs[: self.prefetch + 1]]
             for i in range(len(segs)):
                 x, y = futures[i].result()
                 nxt = i + self.prefetch + 1
                 if nxt < len(segs):
-                    futures.append(pool.submit(self.read_segment, segs[nxt]))
+                    futures.append(pool.submit(self.read_segment, segs[nxt][0]))
                 futures[i] = None
-                if len(pool_x):
-                    x, y = np.concatenate([pool_x, x]), np.concatenate([pool_y, y])
-                last = i == len(segs) - 1
-                n_out = len(x) if last else max(0, len(x) - keep) // B * B
-                # shuffle by index: each emitted sample is copied once, into its batch
-                order = rng.permutation(len(x)) if self.shuffle else np.arange(len(x))
-                for s in range(0, n_out, B):
-                    if emitted >= total:
-                        break
-                    idx = order[s : s + B]
-                    if len(idx) < B and self.drop_last:
-                        break
-                    if emitted >= skip:
-                        yield _tensor(x[idx] if self.shuffle else x[s : s + B]), _tensor(y[idx] if self.shuffle else y[s : s + B])
-                    emitted += 1
-                rest = order[n_out:]
-                pool_x, pool_y = (x[rest], y[rest]) if self.shuffle else (x[n_out:], y[n_out:])
+                keep = segs[i][1]
+                yield (x, y) if keep is None else (x[keep], y[keep])
+
+    def _emit(self, epoch: int, rank: int, stage: int, count: int, parts_per_segment, n_segments: int, skip: int, limit=None):
+        """The shuffle buffer over a rank's segments: tuples of aligned arrays in, batches of them out.
+        The same code serves data (x, y) and index-only replays (positions), so both see the same order."""
+        rng = np.random.default_rng(seeds.shuffle_buffer(self.seed, epoch, rank) + ([stage] if stage else []))
+        B = self.batch_size
+        total = count // B if self.drop_last else math.ceil(count / B)
+        if limit is not None:
+            total = min(total, limit)
+        keep = self.shuffle_buffer if self.shuffle else 0
+        pool, emitted = None, 0
+        for i, parts in enumerate(parts_per_segment):
+            if emitted >= total:
+                return
+            if pool is not None and len(pool[0]):
+                parts = tuple(np.concatenate([p, q]) for p, q in zip(pool, parts))
+            n = len(parts[0])
+            n_out = n if i == n_segments - 1 else max(0, n - keep) // B * B
+            # shuffle by index: each emitted sample is copied once, into its batch
+            order = rng.permutation(n) if self.shuffle else None
+            for s in range(0, n_out, B):
+                if emitted >= total:
+                    break
+                if min(B, n_out - s) < B and self.drop_last:
+                    break
+                if emitted >= skip:
+                    yield tuple(p[order[s : s + B]] for p in parts) if self.shuffle else tuple(p[s : s + B] for p in parts)
+                emitted += 1
+            pool = tuple(p[order[n_out:]] for p in parts) if self.shuffle else tuple(p[n_out:] for p in parts)
 
     # ---- reading ----------------------------------------------------------------------------
     def read_segment(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:

@@ -69,10 +69,10 @@ def decide(cfg: Config, means: dict[str, float], sums: dict[str, float], skippin
 
 class Coordinator:
     def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None,
-                 world_size: int = 1):
+                 world_size: int = 1, stage_length=None):
         self.cfg, self.phases = cfg, phases
         t = cfg.train
-        self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size * cfg.data.batch_size)
+        self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size, stage_length)
         self.sync_every = t.sync_every
         names = [f"{ph.name}/{s}" for ph in phases for s in ph.stat_names] + [f"{ph.name}/nonfinite" for ph in phases] + [STOP]
         self.stats = Stats(names, device)

@@ -1,9 +1,11 @@
-"""Where training stands (step, epoch, batch in epoch): one owner, checkpointed, and re-partitioned
-when a resumed run has a different world size (elastic resize)."""
+"""Where training stands (step, epoch, batch in epoch): one owner, checkpointed.  A run resumed with a
+different world size mid-epoch (elastic resize) finishes that epoch as a new stage over exactly the
+samples the old group had not used (ShardStream.iter_epoch(stages=...))."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -11,23 +13,30 @@ class Progress:
     steps_per_epoch: int
     epochs: int
     max_steps: int | None
-    samples_per_step: int  # world size x per-worker batch: what one step consumes
+    world_size: int
+    stage_length: Callable[[int, tuple], int] | None = None  # (epoch, stages) -> steps of the current stage (the data's plan)
     step: int = 0
     epoch: int = 0
-    batch: int = 0  # batches of this epoch already consumed
+    batch: int = 0  # batches of this epoch's current stage already consumed
+    stages: tuple = ()  # earlier worker groups of this epoch: ((world_size, batches), ...), after an elastic resize
+    stage_steps: int = 0  # steps in the current stage: steps_per_epoch unless the epoch was resized
+
+    def __post_init__(self):
+        self.stage_steps = self.steps_per_epoch
 
     def advance(self) -> None:
         self.step += 1
         self.batch += 1
-        if self.batch >= self.steps_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        if self.batch >= self.stage_steps:
+            self.epoch, self.batch, self.stages, self.stage_steps = self.epoch + 1, 0, (), self.steps_per_epoch
 
     @property
     def epochs_done(self) -> float:
-        return self.epoch + self.batch / self.steps_per_epoch
+        done = sum(world * batches for world, batches in self.stages) / self.world_size + self.batch
+        return self.epoch + min(1.0, done / self.steps_per_epoch)
 
     def total_steps(self) -> int:
-        remaining = (self.epochs - self.epoch) * self.steps_per_epoch - self.batch
+        remaining = (self.stage_steps - self.batch) + (self.epochs - self.epoch - 1) * self.steps_per_epoch if self.epoch < self.epochs else 0
         total = self.step + max(0, remaining)
         return min(total, self.max_steps) if self.max_steps else total
 
@@ -35,10 +44,15 @@ class Progress:
         return self.epoch >= self.epochs or (self.max_steps is not None and self.step >= self.max_steps)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "samples_per_step": self.samples_per_step}
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
+                "stages": [list(st) for st in self.stages]}
 
     def load_state_dict(self, state: dict) -> None:
+        """A different world size mid-epoch (elastic resize) starts a new stage of that epoch: the old
+        group's batches are recorded, and the data plan gives the new group only what it left."""
         self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
-        old = int(state["samples_per_step"])
-        if old != self.samples_per_step:  # elastic resize: same samples consumed this epoch, re-partitioned
-            self.batch = min(self.batch * old // self.samples_per_step, self.steps_per_epoch - 1)
+        self.stages = tuple((int(w), int(b)) for w, b in state.get("stages", ()))
+        old_world = int(state.get("world_size", self.world_size))
+        if old_world != self.world_size and self.batch > 0:
+            self.stages, self.batch = self.stages + ((old_world, self.batch),), 0
+        self.stage_steps = self.stage_length(self.epoch, self.stages) if self.stages and self.stage_length else self.steps_per_epoch

@@ -59,7 +59,8 @@ class Trainer:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
         self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled)
         probe = session.stop_requested if self.rank == 0 else None
-        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world)
+        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world,
+                                 stage_length=self.train_data.stage_batches)
         for ph in self.phases:
             make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data))
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
@@ -147,7 +148,7 @@ class Trainer:
             rep.start(coord.step, coord.total_steps())
         while not coord.done():
             epoch = coord.epoch
-            for x, y in self.train_data.iter_epoch(epoch, skip=coord.batch_in_epoch):
+            for x, y in self.train_data.iter_epoch(epoch, skip=coord.batch_in_epoch, stages=coord.progress.stages):
                 if t_first is None:
                     t_first = time.perf_counter()
                     self.startup_s = time.time() - self.started_at
