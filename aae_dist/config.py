@@ -148,6 +148,8 @@ class RunSection(Section):
     shared_storage: bool = Field(False, description="a local --storage path that is a mount shared by every node")
     cpus_per_worker: Optional[int] = Field(None, gt=0, description="default: local Ray shares this machine's cores; a cluster gives 1")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand: do not refuse workers it cannot place now")
+    resize_check_s: float = Field(60.0, ge=0, description="elastic runs (--workers MIN:MAX): seconds between looks for room to grow; "
+                                  "a resize restarts the group from the last checkpoint")
     _range: tuple[int, int] = PrivateAttr((1, 1))
 
     @field_validator("workers", mode="before")

@@ -263,6 +263,7 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
+            **({"elastic_resize_monitor_interval_s": cfg.run.resize_check_s} if lo != hi else {}),
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),

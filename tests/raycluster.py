@@ -111,6 +111,15 @@ class LocalCluster:
                 continue
         return pids
 
+    def kill_node(self, index: int) -> None:
+        """A node failure: SIGKILL node `index` (0 = head) with its raylet and workers (one process session)."""
+        p = self.procs[index]
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
     def stop(self) -> None:
         for p in self.procs:
             try:

@@ -1,11 +1,16 @@
-"""Fault injection for the reliability tests; inactive unless AAE_DIST_FAULT is set in the workers'
-environment: `RUN_NAME:STEP:MARKER_FILE` makes rank 0 of that run SIGKILL itself halfway through
-writing the checkpoint of STEP (state written, not yet reported), once (the marker file remembers)."""
+"""Fault injection and tracing for the reliability tests; inactive unless set in the workers' environment.
+
+- `AAE_DIST_FAULT=RUN_NAME:STEP:MARKER_FILE` makes rank 0 of that run SIGKILL itself halfway through
+  writing the checkpoint of STEP (state written, not yet reported), once (the marker file remembers).
+- `AAE_DIST_STEP_LOG=FILE` makes every rank append `world rank step` to FILE after each step, so a
+  test can see which steps ran, on how many workers, and which were run again after a restart.
+- `AAE_DIST_STEP_DELAY=SECONDS` sleeps after each step: a test's run lasts long enough to act on it."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def maybe_die_writing_checkpoint(run_name: str, step: int) -> None:
@@ -16,3 +21,24 @@ def maybe_die_writing_checkpoint(run_name: str, step: int) -> None:
     if name == run_name and int(at) == step and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_tracer():
+    """None unless a test asked for it: then a function called after every step."""
+    log, delay = os.environ.get("AAE_DIST_STEP_LOG"), float(os.environ.get("AAE_DIST_STEP_DELAY", "0") or 0)
+    if not log and not delay:
+        return None
+
+    def after_step(world: int, rank: int, step: int) -> None:
+        if log:
+            with open(log, "a") as fh:  # one short line per write: appends from several processes stay whole
+                fh.write(f"{world} {rank} {step}\n")
+        if delay:
+            time.sleep(delay)
+
+    return after_step
+
+
+def read_step_log(path: str) -> list[tuple[int, int, int]]:
+    with open(path) as fh:
+        return [tuple(int(v) for v in line.split()) for line in fh if line.strip()]

@@ -64,6 +64,7 @@ class Trainer:
         for ph in self.phases:
             make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data))
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
+        self.after_step = faults.step_tracer()
         self.nan_policy = cfg.train.nan_policy  # both check every all-reduced gradient before each update (_grads_finite)
         self.checkpointer = Checkpointer(
             {"models": self.aae, "optimizers": PhaseStates(self.phases, "optimizer"),
@@ -153,6 +154,8 @@ class Trainer:
                     t_first = time.perf_counter()
                     self.startup_s = time.time() - self.started_at
                 means = self.train_step(self.aae.normalise(x), y.to(self.device, non_blocking=True))
+                if self.after_step:
+                    self.after_step(self.world, self.rank, coord.step)
                 if means is not None:
                     average_buffers(self.aae.nets.values())  # batch-norm statistics: the same on every replica
                     self._check_numerics()
