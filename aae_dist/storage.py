@@ -24,6 +24,16 @@ def redact(url: str) -> str:
 _S3_CREDENTIALS = re.compile(r"^(s3a?)://([^/@:]+):([^/@]+)@(.*)$")
 
 
+# Retries happen in one place, with_retries below: counted (summary.json), logged, and tuned by
+# AAE_STORAGE_RETRIES.  s3fs and botocore would otherwise retry silently for ~11 s per request first.
+_S3_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+
+def _one_retry_policy(fs):
+    fs.retries = 1
+    return fs
+
+
 def has_credentials(url: str) -> bool:
     return _SECRET_IN_URL.search(str(url)) is not None
 
@@ -36,9 +46,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         if creds:
             proto, key, secret, rest = creds.groups()
-            fs = fsspec.filesystem("s3", key=key, secret=secret)
-            return fs, rest.rstrip("/") or rest
-        fs, path = fsspec.core.url_to_fs(str(url))
+            return _one_retry_policy(fsspec.filesystem("s3", key=key, secret=secret, **_S3_OPTIONS)), rest.rstrip("/") or rest
+        s3 = str(url).split("://", 1)[0] in ("s3", "s3a")
+        fs, path = fsspec.core.url_to_fs(str(url), **(_S3_OPTIONS if s3 else {}))
+        if s3:
+            _one_retry_policy(fs)
     except (ImportError, ValueError) as exc:
         raise UserError(f"cannot open storage URL {redact(url)}: {exc} (install the extra, e.g. pip install 'aae-dist[s3]')")
     return fs, path.rstrip("/") if path not in ("/", "") else path
@@ -65,7 +77,9 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)):
         return False
     name = type(exc).__name__
-    return isinstance(exc, TRANSIENT) or any(k in name for k in ("Connection", "Timeout", "Endpoint", "ServerError", "Throttl", "SlowDown"))
+    return isinstance(exc, TRANSIENT) or any(k in name for k in ("Connection", "Timeout", "Endpoint", "ServerError", "Throttl", "SlowDown",
+                                                                 "Disconnect", "IncompleteRead", "HTTPClientError", "PayloadError",
+                                                                 "ResponseParserError", "ServiceUnavailable", "InternalError"))
 
 
 def _is_refusal(exc: BaseException) -> bool:
@@ -79,12 +93,20 @@ def is_redacted(url: str) -> bool:
     return "//***@" in str(url)
 
 
-def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None = None, base_delay: float = 0.5) -> T:
-    """Run fn, retrying transient storage errors with exponential backoff.
+_RETRIES = {"count": 0}  # retries in this process (summary.json sums them over the ranks)
+_RETRY_CAP_S = 8.0
 
-    Storage that stays unreachable becomes a one-line UserError naming the URL.
-    AAE_STORAGE_RETRIES sets the attempts (default 4); s3fs/gcsfs retry inside each."""
-    attempts = attempts or max(1, int(os.environ.get("AAE_STORAGE_RETRIES", "4")))
+
+def retries() -> int:
+    return _RETRIES["count"]
+
+
+def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None = None, base_delay: float = 0.5) -> T:
+    """Run fn, retrying transient storage errors with exponential backoff (capped at 8 s per wait).
+
+    Storage that stays unreachable becomes a one-line UserError naming the URL.  AAE_STORAGE_RETRIES
+    sets the attempts (default 10: about 47 s of waiting), so an outage of several seconds is ridden out."""
+    attempts = attempts or max(1, int(os.environ.get("AAE_STORAGE_RETRIES", "10")))
     for attempt in range(attempts):
         try:
             return fn()
@@ -99,7 +121,8 @@ def with_retries(what: str, url: str, fn: Callable[[], T], attempts: int | None 
                     f"storage unreachable while {what} {redact(url)}: {type(exc).__name__}: {_short(exc)} "
                     "(check the URL, the endpoint (AWS_ENDPOINT_URL) and the network)"
                 ) from None
-            time.sleep(base_delay * (2**attempt))
+            _RETRIES["count"] += 1
+            time.sleep(min(_RETRY_CAP_S, base_delay * (2**attempt)))
     raise AssertionError("unreachable")
 
 

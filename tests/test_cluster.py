@@ -23,6 +23,7 @@ pytestmark = pytest.mark.ray
 
 
 FAULT_MARKER = f"/tmp/aae-fault-{os.getpid()}"
+STEP_LOG = f"/tmp/aae-steps-{os.getpid()}.log"  # every rank of every run here appends "world rank step"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def cluster(s3_server):
     bin_dir = os.path.dirname(sys.executable)
     # run "kill": rank 0 dies (SIGKILL) halfway through writing its step-10 checkpoint
     c = LocalCluster({"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                      "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}"})
+                      "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}", "AAE_DIST_STEP_LOG": STEP_LOG, "AAE_DIST_STEP_DELAY": "0.05"})
     try:
         c.start_head(1, {"head_node": 1})
         c.add_node(1, {"worker_node": 1})
@@ -123,24 +124,39 @@ def test_submit_from_a_regular_install(cluster, s3_server, s3_data, regular_inst
 
 
 def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_data):
-    """Kill 1: rank 0 SIGKILLs itself while writing the step-10 checkpoint (fault injection).
-    Kill 2: the test SIGKILLs a worker by pid once a later checkpoint exists.  The run finishes,
-    counts every step once, and the half-written checkpoint is never resumed from."""
+    """Kill 1: rank 0 SIGKILLs itself while uploading its step-10 checkpoint (fault injection).
+    Kill 2: the test SIGKILLs a randomly chosen worker at a random step after that.  From the per-step
+    log: each restart redid at most checkpoint_every steps, every step 1..40 ran, the last is 40, and
+    the half-written checkpoint was never resumed from."""
+    import random
+
+    from aae_dist.training.faults import read_step_log
+
+    every, rng = 5, random.Random()
+    kill_at = rng.randint(15, 32)
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "kill",
-            *sets(f"data.path={s3_data}", "train.max_steps=40", "train.checkpoint_every=5", "run.placement=SPREAD", "data.batch_size=25")]
+            *sets(f"data.path={s3_data}", "train.max_steps=40", f"train.checkpoint_every={every}", "run.placement=SPREAD",
+                  "data.batch_size=25", "train.epochs=1000")]
     env = loopback_env({"TQDM_DISABLE": "1"})
+    if os.path.exists(STEP_LOG):
+        os.remove(STEP_LOG)
+
+    def rank0():
+        return [s for w, r, s in read_step_log(STEP_LOG) if r == 0] if os.path.exists(STEP_LOG) else []
+
     proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not os.path.exists(FAULT_MARKER):
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert os.path.exists(FAULT_MARKER), "the injected fault did not fire"
-        while time.time() < deadline and not [s for s in ray_checkpoint_steps(s3_server, "kill") if s >= 15]:
-            time.sleep(0.5)
+        seen = len(rank0())
+        while time.time() < deadline and kill_at not in rank0()[seen:]:
+            time.sleep(0.05)  # the restarted group reaches the random step
         pids = cluster.worker_pids()
         assert len(pids) == 2, pids
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(rng.choice(pids), signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -148,11 +164,15 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
         if os.path.exists(FAULT_MARKER):
             os.remove(FAULT_MARKER)
     assert proc.returncode == 0, out[-3000:]
+    steps = rank0()
+    restarts = [(a, b) for a, b in zip(steps, steps[1:]) if b != a + 1]
+    assert len(restarts) == 2, (kill_at, restarts)
+    for a, b in restarts:  # went back to the step after the latest complete checkpoint: at most `every` redone
+        assert b <= a and a - (b - 1) <= every and (b - 1) % every == 0, (kill_at, a, b)
+    assert restarts[0] == (10, 6), restarts  # the step-10 checkpoint was half-written: resumed from step 5
+    assert steps[-1] == 40 and set(steps) == set(range(1, 41)), (kill_at, steps)
     s = s3_json(s3_server, "cluster/runs/kill/summary.json")
-    assert s["steps"] == 40 and s["replicas_in_sync"]  # each step counted once
-    # the last resume: from the latest checkpoint Ray had registered when the second kill landed (10 or 15);
-    # the half-written step-10 checkpoint of the first kill was written again after the first resume
-    assert s["resumed_from_step"] is not None and s["resumed_from_step"] >= 10 and s["resumed_from_step"] % 5 == 0
+    assert s["steps"] == 40 and s["replicas_in_sync"] and s["resumed_from_step"] == restarts[1][1] - 1
 
 
 def test_sigterm_to_a_ray_driver_checkpoints_on_every_rank(cluster, s3_server, s3_data):

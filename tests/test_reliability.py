@@ -200,3 +200,78 @@ def test_planted_secret_never_saved_or_logged(tmp_path, s3_server, make_dataset)
     for key in keys:
         body = client.get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read()
         assert secret.encode() not in body, key
+
+
+def outage_run(tmp_path, s3_server, proxy, name, retries):
+    """A run reading its shards from S3 (no cache: every epoch reads them again) and writing checkpoints
+    there every 10 steps, through the proxy; it logs each step (AAE_DIST_STEP_LOG)."""
+    log = tmp_path / f"{name}.log"
+    env = dict(os.environ, AWS_ENDPOINT_URL=proxy.endpoint, TQDM_DISABLE="1", AAE_DIST_STEP_LOG=str(log), AAE_DIST_STEP_DELAY="0.05",
+               AAE_STORAGE_RETRIES=str(retries))
+    argv = ["train", "--workers", "0", "--storage", f"s3://{s3_server['bucket']}/outage/runs", "--name", name,
+            "--set", f"data.path=s3://{s3_server['bucket']}/outage/data"]
+    for s in SMALL_MODEL + ["train.max_steps=150", "train.epochs=1000", "train.checkpoint_every=10", "train.keep_checkpoints=100", "train.parzen_samples=0"]:
+        argv += ["--set", s]
+    proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, log
+
+
+def logged_steps(log) -> list[int]:
+    from aae_dist.training.faults import read_step_log
+
+    return [s for _, _, s in read_step_log(str(log))] if os.path.exists(log) else []
+
+
+def wait_step(proc, log, step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not logged_steps(log) or logged_steps(log)[-1] < step):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+
+
+def test_storage_outage_is_ridden_out_and_a_permanent_one_is_one_line(tmp_path, s3_server, make_dataset):
+    """The S3 endpoint goes away for 8 s mid-run (connections refused and cut) and comes back: the run
+    finishes, every step ran once, every checkpoint is complete, and summary.json counts the retries.
+    Then a second run loses the endpoint for good: exit 2, one line, and its last checkpoint is intact."""
+    from aae_dist.checkpoint import latest_in_run, listing, read_local
+    from outage import OutageProxy
+
+    make_dataset(600, 100, url=f"s3://{s3_server['bucket']}/outage/data")
+    proxy = OutageProxy(s3_server["port"])
+    proc, log = outage_run(tmp_path, s3_server, proxy, "brief", retries=10)
+    wait_step(proc, log, 30)
+    proxy.down()
+    at_down = logged_steps(log)[-1]
+    time.sleep(8)
+    at_up = logged_steps(log)[-1]
+    proxy.up()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert at_up - at_down <= 10, (at_down, at_up)  # training waited for its storage (a checkpoint every 10 steps)
+    assert logged_steps(log) == list(range(1, 151))  # no step lost or repeated (in-process: no restart)
+    s = json.loads(storage.read_bytes(f"s3://{s3_server['bucket']}/outage/runs/brief/summary.json"))
+    assert s["steps"] == 150 and s["storage_retries"] > 0, s.get("storage_retries")
+    run = f"s3://{s3_server['bucket']}/outage/runs/brief"
+    found = listing(run)
+    assert [step for step, _ in found] == list(range(10, 151, 10)), found  # every checkpoint complete, none lost
+    for step, url in found:
+        assert read_local(storage_fetch(url))[1]["step"] == step
+
+    proc, log = outage_run(tmp_path, s3_server, proxy, "lost", retries=2)
+    wait_step(proc, log, 35)
+    proxy.down()
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proxy.up()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert proc.returncode == 2 and last.startswith("aae-dist: error: storage unreachable while") and "Traceback" not in err, err[-3000:]
+    state, meta = read_local(storage_fetch(latest_in_run(f"s3://{s3_server['bucket']}/outage/runs/lost")))
+    assert meta["step"] >= 30 and meta["step"] % 10 == 0 and meta["step"] <= logged_steps(log)[-1]
+    assert all(torch.isfinite(v).all() for part in state["models"].values() for v in part.values())
+
+
+def storage_fetch(url):
+    from aae_dist.checkpoint import fetch
+
+    return fetch(url)

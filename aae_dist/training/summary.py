@@ -24,7 +24,8 @@ def fingerprint(nets: dict) -> str:
 def write_summary(trainer, metrics: dict, baselines: dict, samples_per_s: float, train_s: float) -> dict:
     """Every rank calls this (it gathers); rank 0 writes the file and returns the summary."""
     t = trainer
-    everyone = all_gather({"fingerprint": fingerprint(t.aae.nets), "node": t.session.node(), "device": str(t.device)})
+    everyone = all_gather({"fingerprint": fingerprint(t.aae.nets), "node": t.session.node(), "device": str(t.device),
+                           "storage_retries": storage.retries()})
     if t.rank != 0:
         return {}
     coord, cfg = t.coord, t.cfg
@@ -46,6 +47,7 @@ def write_summary(trainer, metrics: dict, baselines: dict, samples_per_s: float,
         "stop_reason": coord.stop_reason or ("max_steps" if cfg.train.max_steps and coord.step >= cfg.train.max_steps else "epochs"),
         "nonfinite_steps": coord.nonfinite_steps,
         "skipped_updates": coord.skipped_updates,
+        "storage_retries": sum(e["storage_retries"] for e in everyone),  # transient storage errors ridden out, all ranks
         "coordinator": {
             "syncs": coord.syncs,
             "sync_every": coord.sync_every,
