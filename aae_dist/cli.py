@@ -48,6 +48,12 @@ def cmd_train(args) -> int:
     return train_from_cli(args, started_at=args.started_at)
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep_from_cli
+
+    return sweep_from_cli(args)
+
+
 def cmd_eval(args) -> int:
     from .inference import evaluate, to_json, write_figures
 
@@ -207,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config and the plan, write nothing")
     t.add_argument("--verbose", action="store_true", help="show Ray's own logs and the workers' output on the console")
     t.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("sweep", help="many runs at once as Ray Tune trials (grid and/or sampled keys), ranked in a table and sweep.csv")
+    sw.add_argument("--config", help="base YAML config (every trial starts from it)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key for every trial")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="try every value (all --grid keys crossed)")
+    sw.add_argument("--sample", action="append", default=[], metavar="KEY=DIST",
+                    help="draw per trial: uniform(a,b), loguniform(a,b), randint(a,b), choice(v1,v2,...)")
+    sw.add_argument("--trials", type=int, default=1, help="trials per grid point (default 1)")
+    sw.add_argument("--workers-per-trial", default="1", help="Ray workers per trial (default 1)")
+    sw.add_argument("--metric", default="recon_loss", help="final metric that ranks the trials (default recon_loss; e.g. classify_error)")
+    sw.add_argument("--mode", choices=["min", "max"], default="min", help="lower (min) or higher (max) is better")
+    sw.add_argument("--prune-on", default="reconstruction/loss",
+                    help="metric reported at every checkpoint that ASHA stops poor trials on (lower is better)")
+    sw.add_argument("--grace-steps", type=int, default=200, help="steps every trial runs before ASHA may stop it")
+    sw.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as many as the cluster fits)")
+    sw.add_argument("--trial-retries", type=int, default=2, help="restarts of a failed trial (from its last checkpoint)")
+    sw.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    sw.add_argument("--storage", help="where the sweep folder goes (default ./runs)")
+    sw.add_argument("--name", help="sweep name (default: a timestamp)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
+    sw.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -242,27 +242,21 @@ def ray_storage(url: str) -> dict:
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
-def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsoleProgress) -> dict:
-    import ray
+def torch_trainer(cfg: Config, run_url: str, started_at: float, board=None, callbacks=()):
+    """The Ray Train trainer of one run (also one sweep trial's): cfg.run says how many workers, where."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .training.trainer import train_worker
 
     lo, hi = cfg.run.worker_range
-    connect_ray(cfg.run.address)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not cfg.run.shared_storage:
-        check_shared_storage(cfg.run.storage, len(nodes))
-    workers = (lo, hi) if lo != hi else hi
-    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()  # rank 0 posts progress here; the driver draws it
     cpus = cpus_per_worker(cfg)
     cfg.run.cpus_per_worker = cpus
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board},
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
+            num_workers=(lo, hi) if lo != hi else hi, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
             **({"elastic_resize_monitor_interval_s": cfg.run.resize_check_s} if lo != hi else {}),
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.run.gpu else {}), **cfg.run.resources_per_worker},
         ),
@@ -271,8 +265,20 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
             name=cfg.run.name,
             **ray_storage(cfg.run.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),  # checkpoints: kept by aae-dist in the run folder
+            callbacks=list(callbacks),
         ),
     )
+
+
+def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsoleProgress) -> dict:
+    import ray
+
+    connect_ray(cfg.run.address)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not cfg.run.shared_storage:
+        check_shared_storage(cfg.run.storage, len(nodes))
+    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()  # rank 0 posts progress here; the driver draws it
+    trainer = torch_trainer(cfg, run_url, started_at, board)
     poller = Poller(board, console)
     try:
         with user_errors_are_final():  # a UserError on any worker ends the run: no retry

@@ -1,6 +1,6 @@
 """Fault injection and tracing for the reliability tests; inactive unless set in the workers' environment.
 
-- `AAE_DIST_FAULT=RUN_NAME:STEP:MARKER_FILE` makes rank 0 of that run SIGKILL itself halfway through
+- `AAE_DIST_FAULT=RUN_NAME:STEP:MARKER_FILE` (RUN_NAME may be a glob) makes rank 0 of that run SIGKILL itself halfway through
   writing the checkpoint of STEP (state written, not yet reported), once (the marker file remembers).
 - `AAE_DIST_STEP_LOG=FILE` makes every rank append `world rank step` to FILE after each step, so a
   test can see which steps ran, on how many workers, and which were run again after a restart.
@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ def maybe_die_writing_checkpoint(run_name: str, step: int) -> None:
     if not spec:
         return
     name, at, marker = spec.split(":", 2)
-    if name == run_name and int(at) == step and not os.path.exists(marker):
+    if fnmatch.fnmatch(run_name, name) and int(at) == step and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -87,3 +87,14 @@ class RaySession(Session):
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="aae-")
+
+
+class TuneSession(LocalSession):
+    """A one-worker sweep trial trained inside its Ray Tune trial process: metrics go to Tune at every
+    checkpoint (what ASHA prunes on), checkpoints to the trial's run folder as in any run."""
+
+    def save(self, folder, step, metrics):
+        from ray import tune
+
+        super().save(folder, step, metrics)
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
