@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--storage", help="run storage every node can reach (s3://, gs://, shared mount)")
     sb.add_argument("--name", help="run name (default: a timestamp)")
     sb.add_argument("--follow", action="store_true", help="stream the logs; exit with the job's status")
-    sb.add_argument("--command", dest="command_to_run", default="train", choices=["train", "eval", "generate"],
-                    help="what the job runs (eval/generate take their arguments after --)")
+    sb.add_argument("--command", dest="command_to_run", default="train", choices=["train", "sweep", "eval", "generate"],
+                    help="what the job runs (sweep/eval/generate take their own arguments after --, e.g. -- --grid KEY=V1,V2)")
     sb.add_argument("--pip", action="store_true", help="install aae-dist's requirements in the job (clusters without it)")
     sb.add_argument("--job-id", help="submission id to use")
     sb.add_argument("--dry-run", action="store_true", help="check the config and the cluster's job API, print what would be sent, submit nothing")

@@ -51,7 +51,7 @@ def refuse_credentials(args) -> None:
     from .config import load_config
 
     places = [("--storage", getattr(args, "storage", None))] + [("an argument after --", a) for a in (args.extra or [])]
-    if args.command_to_run == "train":
+    if args.command_to_run in ("train", "sweep"):
         places.append(("data.path", load_config(args.config, args.overrides).data.path))
     for where, value in places:
         if value and storage.has_credentials(str(value)):
@@ -67,7 +67,7 @@ def job_folder(args) -> str:
     from .config import load_config
 
     folder = tempfile.mkdtemp(prefix="aae-job-")
-    if args.command_to_run == "train":
+    if args.command_to_run in ("train", "sweep"):
         cfg = load_config(args.config, args.overrides)
         if cfg.data.path and storage.is_local(cfg.data.path):
             raise UserError(f"data.path {cfg.data.path} is a local path the cluster's workers cannot read: shard the data to "
@@ -92,11 +92,11 @@ def runtime_env(pip: bool, folder: str) -> dict:
 
 def train_entrypoint(args) -> str:
     cmd = [args.command_to_run]
-    if args.command_to_run != "train":  # eval / generate: their own arguments follow --
+    if args.command_to_run not in ("train", "sweep"):  # eval / generate: their own arguments follow --
         extra = list(args.extra or []) + (["--address", "auto"] if args.command_to_run == "generate" else [])
         return "python -m aae_dist.cli " + " ".join(shlex.quote(c) for c in cmd + extra)
     cmd += ["--config", JOB_CONFIG]  # the resolved config in the job's working folder (--set folded in)
-    for flag in ("workers", "storage", "name"):
+    for flag in ("workers", "storage", "name") if args.command_to_run == "train" else ("storage", "name"):
         if getattr(args, flag, None):
             cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.gpu:

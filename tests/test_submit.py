@@ -38,6 +38,16 @@ def test_the_job_ships_the_package_alone_and_the_resolved_config(tmp_path):
     assert entry.endswith("--address auto") and "--workers 2" in entry
 
 
+def test_a_sweep_job_runs_the_sweep_on_its_cluster_with_the_folded_config(tmp_path):
+    a = args(command_to_run="sweep", workers=None, overrides=["data.path=s3://b/mnist", "train.max_steps=50"],
+             extra=["--grid", "phases.reconstruction.lr=1e-3,1e-4", "--workers-per-trial", "2"])
+    folder = job_folder(a)
+    assert yaml.safe_load(open(os.path.join(folder, JOB_CONFIG)))["train"]["max_steps"] == 50
+    entry = train_entrypoint(a)
+    assert entry.startswith("python -m aae_dist.cli sweep --config config.yaml --storage s3://b/runs --name r --grid")
+    assert "--workers-per-trial 2" in entry and entry.endswith("--address auto") and " --workers 2" not in entry
+
+
 def test_a_local_data_path_is_refused_with_a_hint(tmp_path):
     with pytest.raises(UserError, match="local path the cluster's workers cannot read: shard the data"):
         job_folder(args(overrides=[f"data.path={tmp_path}/mnist"]))
