@@ -4,7 +4,7 @@ Unknown keys and wrong types are refused here, before any worker starts."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Union, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -129,7 +129,12 @@ class TrainConfig(Section):
     target_recon_loss: Optional[float] = Field(None, description="stop once the reduced reconstruction loss is below")
     amp: bool = Field(False, description="bf16 autocast, GPU only")
     compile: bool = Field(False, description="torch.compile each network's forward")
-    grad_compression: Literal["none", "fp16", "bf16"] = Field("none", description="all-reduce gradients in half precision (halves the bytes)")
+    grad_compression: Union[Literal["none", "fp16", "bf16", "powersgd"], dict[str, Literal["none", "fp16", "bf16", "powersgd"]]] = Field(
+        "none", description="how gradients travel: none, fp16/bf16 (half the bytes), powersgd (low-rank); one for all networks or "
+                            "per network, e.g. {encoder: powersgd, decoder: powersgd, discriminator: fp16}")
+    accumulate: int = Field(1, gt=0, description="micro-batches (of data.batch_size each) per optimizer step per phase; gradients "
+                                                    "are all-reduced once per step (DDP no_sync on the others): K x fewer bytes per sample")
+    powersgd_rank: int = Field(2, gt=0, description="rank of PowerSGD's gradient approximation (with error feedback)")
     threads: Optional[int] = Field(None, gt=0, description="torch threads per worker")
     image_every: int = Field(500, gt=0, description="steps between TensorBoard images and figures")
     nan_policy: Literal["skip", "stop"] = Field("stop", description="non-finite loss: stop (last checkpoint kept) or skip the update")

@@ -111,14 +111,19 @@ class LocalCluster:
                 continue
         return pids
 
-    def kill_node(self, index: int) -> None:
-        """A node failure: SIGKILL node `index` (0 = head) with its raylet and workers (one process session)."""
+    def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Stop node `index` (0 = head) with its raylet and workers (one process session): SIGKILL is a
+        node failure, SIGTERM a node taken away (its raylet tells the cluster it is leaving)."""
         p = self.procs[index]
         try:
-            os.killpg(p.pid, signal.SIGKILL)
+            os.killpg(p.pid, sig)
         except ProcessLookupError:
             pass
-        p.wait()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
     def stop(self) -> None:
         for p in self.procs:

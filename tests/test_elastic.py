@@ -6,6 +6,7 @@ shows which steps ran on how many workers, and how many were run again after eac
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,10 +19,11 @@ from raycluster import LocalCluster, loopback_env
 
 pytestmark = pytest.mark.ray
 
-CHECKPOINT_EVERY, MAX_STEPS = 10, 150
+CHECKPOINT_EVERY, MAX_STEPS = 10, 130
 
 
 def wait_for(what, cond, proc, timeout=180):
+    print(f"{time.time():.1f} waiting for {what}", flush=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
@@ -42,7 +44,12 @@ def test_elastic_group_grows_then_shrinks_and_counts_every_step_once(tmp_path, s
     data = f"s3://{s3_server['bucket']}/elastic/data"
     write_dataset(data, {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:])}, num_classes=10, source="t", shard_size=250, progress=False)
     c = LocalCluster({"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-                      "AAE_DIST_STEP_LOG": log, "AAE_DIST_STEP_DELAY": "0.1"})
+                      "AAE_DIST_STEP_LOG": log, "AAE_DIST_STEP_DELAY": "0.1",
+                      # a killed node is declared dead in ~2 s instead of ~30 s: the shrink happens sooner
+                      "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
+                      "RAY_health_check_failure_threshold": "4", "RAY_health_check_timeout_ms": "500",
+                      # a group asked for on resources that just left gives up after 15 s (default 60) and asks for fewer
+                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
     proc = None
     try:
         c.start_head(1)
@@ -64,7 +71,8 @@ def test_elastic_group_grows_then_shrinks_and_counts_every_step_once(tmp_path, s
         wait_for("the group to grow to 2", lambda: any(w == 2 for w, _ in rank0()), proc)
         grown_at = next(s for w, s in rank0() if w == 2)
         wait_for("a checkpoint by the 2-worker group", lambda: any(w == 2 and s >= grown_at + CHECKPOINT_EVERY for w, s in rank0()), proc)
-        c.kill_node(1)
+        c.kill_node(1, signal.SIGTERM)  # the node is taken away
+        print(f"{time.time():.1f} node stopped", flush=True)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc is not None and proc.poll() is None:

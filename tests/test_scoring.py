@@ -40,3 +40,19 @@ def test_baselines_on_separable_blobs():
     assert km["kmeans_cluster_error"] == 0 and km["kmeans_cluster_error_majority"] == 0 and km["kmeans_clusters_used"] == 3
     lr = logistic_baseline(x[:300:50], y[:300:50], x, y)
     assert lr["labelled_samples"] == 6 and lr["logistic_classify_error"] < 0.05
+
+
+def test_parzen_sigma_search_computes_distances_once_and_agrees_with_the_plain_search():
+    import torch
+
+    from aae_dist.evaluation import PARZEN_SIGMAS, best_sigma, parzen_ll
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.rand(300, 20, generator=g, dtype=torch.float64)
+    picked = set()
+    for scale in (0.02, 0.3, 2.0):  # validation points near the samples, farther, far: different sigmas win
+        val = mu[:120] + scale * torch.randn(120, 20, generator=g, dtype=torch.float64)
+        plain = max(PARZEN_SIGMAS, key=lambda s: float(parzen_ll(val, mu, s).mean()))
+        assert best_sigma(val, mu, PARZEN_SIGMAS, chunk=50) == plain
+        picked.add(plain)
+    assert len(picked) > 1

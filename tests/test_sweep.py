@@ -59,9 +59,9 @@ def test_an_interrupted_sweep_resumes(tmp_path, make_dataset):
     import time
 
     data, _, _ = make_dataset(600, 100)
-    env = dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", AAE_DIST_STEP_DELAY="0.1")
+    env = dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", AAE_DIST_STEP_DELAY="0.05")
     argv = ["sweep", "--storage", str(tmp_path / "runs"), "--name", "sw", "--grid", "phases.reconstruction.lr=1e-3,3e-4,1e-4"]
-    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=60", "train.checkpoint_every=10", "train.parzen_samples=0"]:
+    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=40", "train.checkpoint_every=10", "train.parzen_samples=0"]:
         argv += ["--set", s]
     cmd = [sys.executable, "-m", "aae_dist.cli", *argv]
     first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,4 +74,4 @@ def test_an_interrupted_sweep_resumes(tmp_path, make_dataset):
     again = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, (again.stdout[-2000:], again.stderr[-2000:])
     rows = list(csv.DictReader(open(tmp_path / "runs" / "sw" / "sweep.csv")))
-    assert len(rows) == 3 and all(r["status"] == "DONE" and r["steps"] == "60" for r in rows), rows
+    assert len(rows) == 3 and all(r["status"] == "DONE" and r["steps"] == "40" for r in rows), rows

@@ -72,7 +72,7 @@ class Coordinator:
                  world_size: int = 1, stage_length=None):
         self.cfg, self.phases = cfg, phases
         t = cfg.train
-        self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size, stage_length)
+        self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size, stage_length, micro_batches=t.accumulate)
         self.sync_every = t.sync_every
         names = [f"{ph.name}/{s}" for ph in phases for s in ph.stat_names] + [f"{ph.name}/nonfinite" for ph in phases] + [STOP]
         self.stats = Stats(names, device)

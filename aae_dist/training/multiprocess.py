@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,11 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_url: str, thre
     Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world)).fit()
     dist.barrier()  # rank 0 may still be writing the summary: leave the group together
     dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's finalisation ("terminate called without an active
+    # exception", seen once in CI): the work is done and saved, so leave without finalising
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_processes(cfg: Config, run_url: str, world: int, threads: int = 1) -> None:

@@ -20,6 +20,7 @@ class Progress:
     batch: int = 0  # batches of this epoch's current stage already consumed
     stages: tuple = ()  # earlier worker groups of this epoch: ((world_size, batches), ...), after an elastic resize
     stage_steps: int = 0  # steps in the current stage: steps_per_epoch unless the epoch was resized
+    micro_batches: int = 1  # data batches per step (train.accumulate): stages record data batches
 
     def __post_init__(self):
         self.stage_steps = self.steps_per_epoch
@@ -32,7 +33,7 @@ class Progress:
 
     @property
     def epochs_done(self) -> float:
-        done = sum(world * batches for world, batches in self.stages) / self.world_size + self.batch
+        done = sum(world * batches for world, batches in self.stages) / self.world_size / self.micro_batches + self.batch
         return self.epoch + min(1.0, done / self.steps_per_epoch)
 
     def total_steps(self) -> int:
@@ -54,5 +55,6 @@ class Progress:
         self.stages = tuple((int(w), int(b)) for w, b in state.get("stages", ()))
         old_world = int(state.get("world_size", self.world_size))
         if old_world != self.world_size and self.batch > 0:
-            self.stages, self.batch = self.stages + ((old_world, self.batch),), 0
-        self.stage_steps = self.stage_length(self.epoch, self.stages) if self.stages and self.stage_length else self.steps_per_epoch
+            self.stages, self.batch = self.stages + ((old_world, self.batch * self.micro_batches),), 0
+        self.stage_steps = (self.stage_length(self.epoch, self.stages) // self.micro_batches if self.stages and self.stage_length
+                            else self.steps_per_epoch)

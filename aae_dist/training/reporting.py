@@ -47,7 +47,7 @@ class Reporter:
             scalars[f"lr/{ph.name}"] = ph.optimizer.param_groups[0]["lr"]
             scalars[f"time/{ph.name}_ms_per_step"] = 1000 * phase_seconds[ph.name] / max(1, step - start_step)
         elapsed = time.perf_counter() - t_first
-        scalars["perf/samples_per_s"] = (step - start_step) * self.cfg.data.batch_size * world / max(elapsed, 1e-9)
+        scalars["perf/samples_per_s"] = (step - start_step) * self.cfg.data.batch_size * self.cfg.train.accumulate * world / max(elapsed, 1e-9)
         if self.feed is not None:
             self.feed.put({"step": step, "total": coord.total_steps(), "epoch": coord.epochs_done, "samples_per_s": scalars["perf/samples_per_s"],
                            "losses": {k.split("/")[0][:5]: v for k, v in means.items() if k.endswith("/loss")}})

@@ -3,6 +3,7 @@ coordinator, checkpointer) and handing what it measures to rank 0's reporter."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -59,7 +60,11 @@ class Trainer:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
         self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled)
         probe = session.stop_requested if self.rank == 0 else None
-        self.coord = Coordinator(cfg, self.phases, len(self.train_data), self.device, stop_probe=probe, world_size=self.world,
+        self.micro = cfg.train.accumulate
+        if len(self.train_data) < self.micro:
+            raise UserError(f"train.accumulate={self.micro} needs that many batches per epoch per worker, there are {len(self.train_data)}: "
+                            "lower train.accumulate or data.batch_size")
+        self.coord = Coordinator(cfg, self.phases, len(self.train_data) // self.micro, self.device, stop_probe=probe, world_size=self.world,
                                  stage_length=self.train_data.stage_batches)
         for ph in self.phases:
             make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data))
@@ -94,16 +99,23 @@ class Trainer:
         return draw
 
     # ---- one step -------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict | None:
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
+        """One optimizer step per phase over `batches` (train.accumulate micro-batches): gradients add up
+        locally under DDP's no_sync and are all-reduced once, with the last micro-batch."""
         self.generator.manual_seed(seeds.step(self.cfg.train.seed, self.rank, self.coord.step))
         for ph in self.coord.phases_now():
             t0 = time.perf_counter()
             self.comm.phase = ph.name
             for _ in range(ph.repeat):
                 ph.optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    loss, stats = ph.loss(self.ctx, x, y)
-                (loss * ph.cfg.weight if ph.cfg.weight != 1.0 else loss).backward()
+                for i, (x, y) in enumerate(batches):
+                    with self._no_sync(i < len(batches) - 1):
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                            loss, stats = ph.loss(self.ctx, x, y)
+                        scale = ph.cfg.weight / len(batches)
+                        (loss * scale if scale != 1.0 else loss).backward()
+                    self.coord.record(ph, stats)
+                    self.coord.flag_nonfinite(ph, loss)
                 if self.nan_policy == "skip" and not self._grads_finite(ph):
                     ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
                     self.coord.skipped_update()
@@ -114,11 +126,18 @@ class Trainer:
                 if self.nan_policy == "stop" and not self._grads_finite(ph):
                     self._stop_nonfinite(ph)
                 ph.optimizer.step()
-                self.coord.record(ph, stats)
-                self.coord.flag_nonfinite(ph, loss)
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
         return self.coord.end_step()
+
+    def _no_sync(self, skip_reduction: bool):
+        """DDP's no_sync on every network for all micro-batches but a step's last one."""
+        if not skip_reduction or not distributed():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in self.wrapped.values():
+            stack.enter_context(m.no_sync())
+        return stack
 
     def _grads_finite(self, ph) -> bool:
         """Gradients are all-reduced by DDP before this check, so every rank gets the same answer with no
@@ -149,11 +168,12 @@ class Trainer:
             rep.start(coord.step, coord.total_steps())
         while not coord.done():
             epoch = coord.epoch
-            for x, y in self.train_data.iter_epoch(epoch, skip=coord.batch_in_epoch, stages=coord.progress.stages):
+            batches = self.train_data.iter_epoch(epoch, skip=coord.batch_in_epoch * self.micro, stages=coord.progress.stages)
+            for group in _groups(batches, self.micro):
                 if t_first is None:
                     t_first = time.perf_counter()
                     self.startup_s = time.time() - self.started_at
-                means = self.train_step(self.aae.normalise(x), y.to(self.device, non_blocking=True))
+                means = self.train_step([(self.aae.normalise(x), y.to(self.device, non_blocking=True)) for x, y in group])
                 if self.after_step:
                     self.after_step(self.world, self.rank, coord.step)
                 if means is not None:
@@ -166,7 +186,7 @@ class Trainer:
                 if coord.done() or coord.epoch != epoch:
                     break
         train_s = time.perf_counter() - t_first if t_first else 0.0
-        samples = (coord.step - self.start_step) * cfg.data.batch_size * self.world
+        samples = (coord.step - self.start_step) * cfg.data.batch_size * self.micro * self.world
         evaluator = Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world)
         metrics = evaluator.run(self.eval_split) if coord.stop_reason != "interrupted" else {}
         baselines = evaluator.baselines(self.eval_split) if metrics and self.rank == 0 else {}
@@ -202,6 +222,16 @@ class Trainer:
             meta = self.checkpointer.restore(folder, self.cfg.model)
         return int(meta["step"])
 
+
+
+def _groups(batches, k: int):
+    """Consecutive groups of k batches; a last, shorter group is dropped (like drop_last)."""
+    group = []
+    for b in batches:
+        group.append(b)
+        if len(group) == k:
+            yield group
+            group = []
 
 
 def train_worker(payload: dict) -> None:
