@@ -41,11 +41,11 @@ def step_rate(data, model, batch, steps, amp, compile_, gpu) -> tuple[float, flo
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(5 if not compile_ else 15):  # warm-up (and compilation)
-        t.train_step(x, y)
+        t.train_step([(x, y)])
     sync(t.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        t.train_step(x, y)
+        t.train_step([(x, y)])
     sync(t.device)
     rate = steps * batch / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if t.device.type == "cuda" else float("nan")

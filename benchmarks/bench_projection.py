@@ -50,7 +50,7 @@ def step_flops(model: str, batch: int, data: str) -> float:
     x, y = next(iter(t.train_data.iter_epoch(0)))
     x = t.aae.normalise(x)
     with FlopCounterMode(display=False) as fc:
-        t.train_step(x, y)
+        t.train_step([(x, y)])
     t.logger.close()
     return float(fc.get_total_flops())
 

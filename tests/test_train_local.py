@@ -78,10 +78,10 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, make_dataset, mo
     assert train(tmp_path, data, *common, name="whole") == 0
     real = worker.Trainer.train_step
 
-    def dying(self, x, y):
+    def dying(self, batches):
         if self.coord.step == 25:
             raise KeyboardInterrupt  # killed mid-run between checkpoints
-        return real(self, x, y)
+        return real(self, batches)
 
     monkeypatch.setattr(worker.Trainer, "train_step", dying)
     assert train(tmp_path, data, *common, name="cut") == 130
@@ -126,7 +126,7 @@ def test_phase_weight_zero_freezes_what_only_that_phase_trains(tmp_path, make_da
     before = [p.detach().clone() for p in t.aae.nets["discriminator"].parameters()]
     enc_before = [p.detach().clone() for p in t.aae.nets["encoder"].parameters()]
     for x, y in t.train_data.iter_epoch(0):
-        t.train_step(t.aae.normalise(x), y)
+        t.train_step([(t.aae.normalise(x), y)])
         if t.coord.step == 3:
             break
     assert all(torch.equal(a, b) for a, b in zip(before, t.aae.nets["discriminator"].parameters()))
@@ -142,5 +142,5 @@ def test_bf16_autocast_is_a_gpu_only_flag(tmp_path, make_dataset):
     t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", "train.amp=true"]), LocalSession(str(tmp_path / "a"), 1))
     assert t.device.type == "cpu" and t.amp is False  # on CPU the flag is ignored: fp32
     x, y = next(iter(t.train_data.iter_epoch(0)))
-    t.train_step(t.aae.normalise(x), y)
+    t.train_step([(t.aae.normalise(x), y)])
     assert all(p.dtype == __import__("torch").float32 for p in t.aae.nets["encoder"].parameters())
