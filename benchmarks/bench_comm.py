@@ -1,0 +1,76 @@
+"""Fewer bytes per sample on 2 workers: gradient accumulation and half-precision gradients against no
+option, side by side in one run on this machine (paper MLP 784-1000-1000-8, batch 128 per worker,
+1 thread per process), each run for the same number of samples of the embedded real digits; plus the machine's ceiling for 2
+workers: one single-thread process alone, and two independent ones at once (no communication).
+
+    python benchmarks/bench_comm.py [--samples 38400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import PAPER_MLP, machine  # noqa: E402
+
+from aae_dist.config import load_config  # noqa: E402
+from aae_dist.training.multiprocess import run_processes  # noqa: E402
+
+BATCH = 128
+OPTIONS = {"none": [], "fp16": ["train.grad_compression=fp16"], "accumulate=4": ["train.accumulate=4"],
+           "accumulate=4 + fp16": ["train.accumulate=4", "train.grad_compression=fp16"]}
+
+
+def sets(data: str, steps: int, extra=()) -> list[str]:
+    return PAPER_MLP + [f"data.path={data}", f"data.batch_size={BATCH}", f"train.max_steps={steps}", "train.checkpoint_every=100000",
+                        "train.image_every=100000", "train.progress=false", "train.parzen_samples=0", "train.threads=1", *extra]
+
+
+def two_workers(data: str, samples: int, extra: list[str]) -> dict:
+    k = int(next((e.split("=")[1] for e in extra if e.startswith("train.accumulate=")), 1))
+    run = tempfile.mkdtemp(prefix="aae-bench-comm-")
+    run_processes(load_config(None, sets(data, samples // (2 * BATCH * k), extra)), run, world=2, threads=1)
+    return json.load(open(os.path.join(run, "summary.json")))
+
+
+def independent(data: str, samples: int, n: int) -> float:
+    """Samples/s of n single-thread in-process runs at once, summed."""
+    code = ("import sys,json; from aae_dist.config import load_config; from aae_dist.training.trainer import train_in_process; "
+            "import tempfile; s=train_in_process(load_config(None, json.loads(sys.argv[1])), tempfile.mkdtemp()); print(s['samples_per_s'])")
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(sets(data, samples // (n * BATCH)))], stdout=subprocess.PIPE,
+                              text=True, env=env) for _ in range(n)]
+    return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=38_400)
+    a = ap.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"
+    from aae_dist.launch import ensure_default_data
+
+    data = ensure_default_data()  # real digits (4,500 train): the loss comparison means something on them
+    one, ceiling = independent(data, a.samples // 2, 1), independent(data, a.samples, 2)
+    print(f"machine: {machine()}; paper MLP, batch {BATCH} per worker, {a.samples} samples per run, 1 thread per process")
+    print(f"one process alone: {one:.0f} samples/s; two independent processes at once (ceiling): {ceiling:.0f} ({ceiling / one:.2f}x)")
+    print("| 2 workers | samples/s | x one process | / ceiling | recon loss after the same samples | vs none | bytes per sample |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for name, extra in OPTIONS.items():
+        s = two_workers(data, a.samples, extra)
+        k = int(next((e.split("=")[1] for e in extra if e.startswith("train.accumulate=")), 1))
+        loss = s["metrics"]["recon_loss"]
+        base = base or loss
+        sent = sum(p["bytes"] for p in s["communication_per_step"].values()) / (BATCH * k * 2)
+        print(f"| {name} | {s['samples_per_s']:.0f} | {s['samples_per_s'] / one:.2f} | {s['samples_per_s'] / ceiling:.2f} | "
+              f"{loss:.4f} | {100 * (loss / base - 1):+.1f}% | {sent:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
