@@ -7,6 +7,7 @@ byte stays on 127.0.0.0/8."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -85,14 +86,19 @@ class LocalCluster:
                 time.sleep(0.3)
         raise TimeoutError(f"port {port} did not open")
 
-    def wait_nodes(self, n: int, timeout: float = 90) -> None:
+    def wait_nodes(self, n: int, timeout: float = 90) -> list[str]:
+        """Wait for n live nodes; every node's address (as Ray reports it) must be on loopback."""
         code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-                "print(sum(1 for x in ray.nodes() if x['Alive']))")
+                "print(' '.join(x['NodeManagerAddress'] for x in ray.nodes() if x['Alive']))")
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = subprocess.run([sys.executable, "-c", code, self.address], env=self.env, capture_output=True, text=True, timeout=60)
-            if out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
-                return
+            lines = out.stdout.strip().splitlines()
+            addresses = lines[-1].split() if lines else []
+            if len(addresses) >= n:
+                off = [a for a in addresses if ipaddress.ip_address(a) not in ipaddress.ip_network("127.0.0.0/8")]
+                assert not off, f"Ray nodes outside loopback: {off}"
+                return addresses
             time.sleep(1)
         raise TimeoutError(f"{n} nodes did not join")
 

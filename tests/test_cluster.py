@@ -35,7 +35,7 @@ def cluster(s3_server):
     try:
         c.start_head(1, {"head_node": 1})
         c.add_node(1, {"worker_node": 1})
-        c.wait_nodes(2)
+        assert sorted(c.wait_nodes(2)) == ["127.0.0.2", "127.0.0.3"]  # a real two-node cluster, all on loopback
         yield c
     finally:
         c.stop()
@@ -133,7 +133,7 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
     from aae_dist.training.faults import read_step_log
 
     every, rng = 5, random.Random()
-    kill_at = rng.randint(15, 32)
+    kill_at = rng.randint(18, 32)
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "kill",
             *sets(f"data.path={s3_data}", "train.max_steps=40", f"train.checkpoint_every={every}", "run.placement=SPREAD",
@@ -151,11 +151,15 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
         while time.time() < deadline and not os.path.exists(FAULT_MARKER):
             time.sleep(0.2)
         assert os.path.exists(FAULT_MARKER), "the injected fault did not fire"
+        first_group = set(cluster.worker_pids())  # what is left of the group that lost rank 0: not to be killed again
         seen = len(rank0())
         while time.time() < deadline and kill_at not in rank0()[seen:]:
             time.sleep(0.05)  # the restarted group reaches the random step
-        pids = cluster.worker_pids()
-        assert len(pids) == 2, pids
+        pids = [p for p in cluster.worker_pids() if p not in first_group]
+        while time.time() < deadline and len(pids) != 2:  # the restarted group's two workers
+            time.sleep(0.1)
+            pids = [p for p in cluster.worker_pids() if p not in first_group]
+        assert len(pids) == 2, (pids, first_group)
         os.kill(rng.choice(pids), signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:

@@ -68,6 +68,7 @@ def test_elastic_group_grows_then_shrinks_and_counts_every_step_once(tmp_path, s
 
         wait_for("15 steps on 1 worker", lambda: any(w == 1 and s >= 15 for w, s in rank0()), proc)
         c.add_node(1)
+        assert sorted(c.wait_nodes(2)) == ["127.0.0.2", "127.0.0.3"]  # both nodes on loopback
         wait_for("the group to grow to 2", lambda: any(w == 2 for w, _ in rank0()), proc)
         grown_at = next(s for w, s in rank0() if w == 2)
         wait_for("a checkpoint by the 2-worker group", lambda: any(w == 2 and s >= grown_at + CHECKPOINT_EVERY for w, s in rank0()), proc)
