@@ -25,6 +25,8 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(16384, ge=0, description="samples shuffled together in a rank's buffer (0: shard order only)")
     prefetch: int = Field(2, ge=0, description="shards fetched ahead in background threads")
     cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
+    connections: int = Field(8, gt=0, description="concurrent ranged requests per rank to object storage")
+    request_bytes: int = Field(8 << 20, gt=0, description="bytes per ranged request to object storage (rounded to the 1 MiB checksum blocks)")
     labeled_per_class: Optional[int] = Field(None, gt=0, description="keep labels of only this many samples per class (seeded; semi-supervised)")
     eval_split: str = Field("test", description="split the final metrics are computed on")
 

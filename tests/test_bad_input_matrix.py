@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from aae_dist.cli import main
-from aae_dist.data.format import encode_npy, sha256
+from aae_dist.data.format import block_digests, encode_npy, sha256
 from aae_dist.data.writer import write_dataset
 from conftest import SMALL_MODEL, ident_arrays
 
@@ -48,7 +48,8 @@ def world(tmp_path_factory):
         else:
             data, header = encode_npy(np.zeros((200, 1, 8, 2), np.uint8))
             doc = json.load(open(os.path.join(d, "manifest.json")))
-            doc["splits"]["train"]["shards"][1]["x"].update(bytes=len(data), sha256=sha256(data), header=header)
+            entry = doc["splits"]["train"]["shards"][1]["x"]  # a consistent manifest: only the shape is wrong
+            entry.update(bytes=len(data), sha256=sha256(data), header=header, blocks=block_digests(data, entry["block_bytes"]))
             json.dump(doc, open(os.path.join(d, "manifest.json"), "w"))
         open(path, "wb").write(bytes(data))
     (root / "nomanifest").mkdir()

@@ -95,13 +95,14 @@ def test_truncated_shard_whole_and_ranged(make_dataset, capsys):
 
 def test_shard_with_wrong_shape(make_dataset, capsys):
     url, _, _ = make_dataset(100, 100)
-    from aae_dist.data.format import encode_npy, sha256
+    from aae_dist.data.format import block_digests, encode_npy, sha256
 
     bad, header = encode_npy(np.zeros((100, 1, 2, 8), np.uint8))
     path = os.path.join(url, "train-00000.x.npy")
     open(path, "wb").write(bad)
     doc = json.load(open(os.path.join(url, "manifest.json")))
-    doc["splits"]["train"]["shards"][0]["x"].update(bytes=len(bad), sha256=sha256(bad), header=header)
+    entry = doc["splits"]["train"]["shards"][0]["x"]  # a consistent manifest: only the shape is wrong
+    entry.update(bytes=len(bad), sha256=sha256(bad), header=header, blocks=block_digests(bad, entry["block_bytes"]))
     json.dump(doc, open(os.path.join(url, "manifest.json"), "w"))
     one_line_error(*run_cli(capsys, "verify", url), "train-00000.x.npy", "(100, 1, 2, 8)", "manifest says")
 

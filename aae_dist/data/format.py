@@ -47,10 +47,10 @@ class ArrayFile:
 
     def verify_blocks(self, data: bytes, start: int, url: str) -> None:
         """`data` holds the file's bytes from `start`, a block boundary, to a block boundary or the end."""
-        bs = self.block_bytes
+        bs, view = self.block_bytes, memoryview(data)
         for off in range(0, len(data), bs):
             i = (start + off) // bs
-            if i >= len(self.blocks) or sha256(data[off : off + bs]) != self.blocks[i]:
+            if i >= len(self.blocks) or sha256(view[off : off + bs]) != self.blocks[i]:
                 raise UserError(
                     f"shard {storage.redact(url)} fails its sha256 check in bytes {start + off}-{start + off + len(data[off:off + bs])}: "
                     "corrupt or replaced (re-shard the dataset)"

@@ -39,6 +39,7 @@ class Trainer:
         self.train_data = ShardStream(
             d.path, "train", d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
             shuffle_buffer=d.shuffle_buffer, drop_last=True, cache_dir=d.cache_dir, prefetch=d.prefetch,
+            connections=d.connections, request_bytes=d.request_bytes,
             labeled_per_class=d.labeled_per_class, manifest=self.manifest,
         )
         self.eval_split = d.eval_split if d.eval_split in self.manifest.splits else "train"
