@@ -15,8 +15,6 @@ import tempfile
 
 from typing import Protocol
 
-import torch
-
 from . import storage
 from .config import ModelConfig
 from .errors import UserError
@@ -65,6 +63,8 @@ def check_architecture(meta: dict, cfg) -> None:
 
 def write_local(folder: str, state: dict, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
+    import torch  # here, not at the top: the driver lists checkpoints without needing torch
+
     torch.save(state, os.path.join(folder, STATE))
     with open(os.path.join(folder, META), "w") as fh:
         json.dump(meta, fh)
@@ -81,6 +81,8 @@ def read_local(folder: str, cfg=None) -> tuple[dict, dict]:
     if cfg is not None:
         check_architecture(meta, cfg)
     try:
+        import torch
+
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refuse anything that is not a plain tensor checkpoint
         raise UserError(f"{state_path} is not a valid checkpoint (refused without unpickling code: {type(exc).__name__}): delete it to resume from an earlier one") from None

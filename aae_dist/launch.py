@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import storage
+from . import storage, timeline
 from .config import Config, load_config, set_value
 from .errors import UserError
 from .console import ConsoleProgress, LocalBoard, Poller, ProgressBoard, final_table, start_line
@@ -102,6 +102,8 @@ def check_resume(run_url: str, cfg: Config) -> None:
 
 def train_from_cli(args, started_at: float | None = None) -> int:
     started_at = time.time() if started_at is None else started_at
+    timeline.reset()
+    timeline.mark("start", started_at)
     cfg = resolve(args)
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
@@ -127,8 +129,10 @@ def train_from_cli(args, started_at: float | None = None) -> int:
         return 0
     if exists and not resume:
         storage.remove(run_url)  # --overwrite: only once every check has passed
+    timeline.mark("checked")
     if cfg.run.uses_ray:
         connect_ray(cfg.run.address, verbose)
+        timeline.mark("ray_started")
     train_count = read_manifest(cfg.data.path).split("train", cfg.data.path).count
     print(start_line(cfg, train_count, run_url, storage.redact), flush=True)
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
@@ -254,7 +258,8 @@ def torch_trainer(cfg: Config, run_url: str, started_at: float, board=None, call
     cfg.run.cpus_per_worker = cpus
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board},
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board,
+                           "timeline": timeline.marks()},
         scaling_config=ScalingConfig(
             num_workers=(lo, hi) if lo != hi else hi, use_gpu=cfg.run.gpu, placement_strategy=cfg.run.placement,
             **({"elastic_resize_monitor_interval_s": cfg.run.resize_check_s} if lo != hi else {}),
@@ -278,6 +283,7 @@ def launch_ray(cfg: Config, run_url: str, started_at: float, console: ConsolePro
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
     board = ray.remote(ProgressBoard).options(num_cpus=0).remote()  # rank 0 posts progress here; the driver draws it
+    timeline.mark("fit_called")
     trainer = torch_trainer(cfg, run_url, started_at, board)
     poller = Poller(board, console)
     try:

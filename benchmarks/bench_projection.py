@@ -51,7 +51,7 @@ def step_flops(model: str, batch: int, data: str) -> float:
     x = t.aae.normalise(x)
     with FlopCounterMode(display=False) as fc:
         t.train_step([(x, y)])
-    t.logger.close()
+    t.reporter.logger.close()
     return float(fc.get_total_flops())
 
 
@@ -94,6 +94,32 @@ def ring_time(bytes_: float, calls: float, n: int, alpha: float, bw: float) -> f
     if n == 1:
         return 0.0
     return 2 * (n - 1) / n * bytes_ / bw + 2 * (n - 1) * alpha * calls
+
+
+OPTIONS = {  # name: (bytes factor, micro-batches per optimizer step)
+    "none": (1.0, 1), "grad_compression=bf16 (or fp16)": (0.5, 1), "accumulate=4": (1.0, 4),
+    "accumulate=4 + bf16": (0.5, 4), "accumulate=16 + bf16": (0.5, 16)}
+
+
+def options_table(args, data: str, model: str = "mlp", batch: int = 1024) -> None:
+    """What each communication option buys at 8-512 GPUs: efficiency and speed-up over one GPU."""
+    total_bytes = sum(phase_bytes(model).values())
+    tc = step_flops(model, batch, data) / (args.gpu_tflops * 1e12)
+    print(f"\n[options] {model}, batch {batch}/GPU, per micro-batch compute {tc * 1000:.3f} ms, {total_bytes / 1e6:.1f} MB of fp32 "
+          "gradients per optimizer step; efficiency (speed-up over 1 GPU) per option")
+    nets = (100, 400)
+    print("| option | bytes/sample vs none | " + " | ".join(f"{n} GPUs, {g} Gb/s" for n in (8, 64, 512) for g in nets) + " |")
+    print("|---|---|" + "---|" * (3 * len(nets)))
+    for name, (factor, k) in OPTIONS.items():
+        cells = []
+        for n in (8, 64, 512):
+            for gbps in nets:
+                tcomm = ring_time(total_bytes * factor, 4, n, args.latency_us * 1e-6, gbps * 1e9 / 8)
+                eff = k * tc / (k * tc + tcomm)
+                cells.append(f"{eff:.0%} ({n * eff:.1f}x)")
+        print(f"| {name} | {factor / k:.3f} | " + " | ".join(cells) + " |")
+    print("Casts to bf16 are taken as free on a GPU (on gloo/CPU here fp16 bought no speed: bench_comm.py). accumulate=K changes "
+          "the optimisation (K times fewer optimizer steps per sample): bench_comm.py measures its loss after the same samples.")
 
 
 def main() -> None:
@@ -141,6 +167,7 @@ def main() -> None:
                     tcomm = ring_time(total_bytes, 4, n, args.latency_us * 1e-6, gbps * 1e9 / 8)
                     effs.append(tc / (tc + tcomm))
                 print(f"| {model} | {batch} | {tc * 1000:.3f} | {total_bytes / 1e6:.1f} | {n} | " + " | ".join(f"{e:.0%}" for e in effs) + " |")
+    options_table(args, data)
     print("\nBelow ~50% a run is communication-bound. What aae-dist offers against it: a larger per-worker batch "
           "(compute grows, bytes per step do not); train.grad_compression=bf16 (half the bytes, measured by the "
           "comm counters); per-network DDP buckets (25 MB default) that overlap the reduction with the backward pass; "

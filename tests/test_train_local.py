@@ -144,3 +144,17 @@ def test_bf16_autocast_is_a_gpu_only_flag(tmp_path, make_dataset):
     x, y = next(iter(t.train_data.iter_epoch(0)))
     t.train_step([(t.aae.normalise(x), y)])
     assert all(p.dtype == __import__("torch").float32 for p in t.aae.nets["encoder"].parameters())
+
+
+def test_startup_stages_of_an_in_process_run(tmp_path):
+    """Without Ray the stages that exist are timed; marks of an earlier run in the same process are not reused."""
+    from aae_dist import timeline
+
+    timeline.mark("worker_started", 1.0)  # stale: from long before this run
+    code = main(["train", "--workers", "0", "--storage", str(tmp_path), "--name", "s", *sum((["--set", s] for s in SMALL_MODEL), []),
+                     "--set", "train.max_steps=3"])
+    assert code == 0
+    s = read_summary(tmp_path / "s")
+    stages = s["startup_stages_s"]
+    assert "Ray start / connect" not in stages and "dataset open (manifest, label subset)" in stages
+    assert all(v >= 0 for v in stages.values()) and abs(sum(stages.values()) - s["startup_s"]) < 0.05

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from aae_dist import timeline
 from conftest import SMALL_MODEL, read_summary
 
 pytestmark = pytest.mark.ray
@@ -30,6 +31,11 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     s = read_summary(run)
     assert s["world_size"] == 2 and s["replicas_in_sync"] and len(set(s["replica_fingerprints"])) == 1
     assert s["communication_per_step"]["generator"]["networks"] == ["encoder"]
+    # where the seconds before the first step went: every stage of a Ray run, in order, adding up to startup_s
+    stages = s["startup_stages_s"]
+    assert list(stages) == [label for _, label in timeline.STAGES[1:]], stages
+    assert all(v >= 0 for v in stages.values()) and abs(sum(stages.values()) - s["startup_s"]) < 0.05
+    assert 0 < s["eval_s"] < s["wall_s"]
     # Ray runs store checkpoints like in-process runs: checkpoint_step_N in the run folder, complete
     ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
     assert ckpts == ["checkpoint_step_000000005", "checkpoint_step_000000010"]

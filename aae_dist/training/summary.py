@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 
-from .. import storage
+from .. import storage, timeline
 from ..distributed import all_gather
 
 
@@ -37,6 +37,8 @@ def write_summary(trainer, metrics: dict, baselines: dict, samples_per_s: float,
         "wall_s": time.time() - t.started_at,
         "train_s": train_s,
         "startup_s": t.startup_s,  # process start (driver) to first step
+        "startup_stages_s": timeline.breakdown(timeline.marks()),  # where those seconds went (rank 0's view)
+        "eval_s": t.eval_s,  # the final evaluation (metrics and baselines)
         "metrics": metrics,
         "baselines": baselines,  # the same data's floors: k-means on pixels, logistic regression on the labelled samples
         "world_size": t.world,

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .. import checkpoint, seeds
+from .. import checkpoint, seeds, timeline
 from ..checkpoint import Checkpointer
 from ..config import Config
 from ..data import ShardStream, read_manifest
@@ -30,6 +30,7 @@ class Trainer:
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world_size
         self.started_at = started_at if started_at is not None else time.time()
+        timeline.reset(since=self.started_at)
         if cfg.train.threads or cfg.run.cpus_per_worker:
             torch.set_num_threads(cfg.train.threads or cfg.run.cpus_per_worker)
         self.device = session.device(cfg.run.gpu)
@@ -43,6 +44,7 @@ class Trainer:
             labeled_per_class=d.labeled_per_class, manifest=self.manifest,
         )
         self.eval_split = d.eval_split if d.eval_split in self.manifest.splits else "train"
+        timeline.mark("data_opened")
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
         num_classes = cfg.model.num_classes or self.manifest.num_classes
@@ -81,6 +83,7 @@ class Trainer:
         )
         self.resumed_from = self._restore()
         self.last_saved_step = self.resumed_from
+        timeline.mark("models_ready")
         self.reporter = Reporter(cfg, self.aae, self.phases, session.run_url, self.eval_split, self.manifest,
                                  resumed_step=self.coord.step, feed=feed) if self.rank == 0 else None
 
@@ -164,7 +167,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, coord, rep = self.cfg, self.coord, self.reporter
-        self.start_step, t_first, self.startup_s = coord.step, None, None
+        self.start_step, t_first, self.startup_s, self.eval_s = coord.step, None, None, 0.0
         if rep:
             rep.start(coord.step, coord.total_steps())
         while not coord.done():
@@ -174,6 +177,7 @@ class Trainer:
                 if t_first is None:
                     t_first = time.perf_counter()
                     self.startup_s = time.time() - self.started_at
+                    timeline.mark("first_step")
                 means = self.train_step([(self.aae.normalise(x), y.to(self.device, non_blocking=True)) for x, y in group])
                 if self.after_step:
                     self.after_step(self.world, self.rank, coord.step)
@@ -188,9 +192,11 @@ class Trainer:
                     break
         train_s = time.perf_counter() - t_first if t_first else 0.0
         samples = (coord.step - self.start_step) * cfg.data.batch_size * self.micro * self.world
+        t_eval = time.perf_counter()
         evaluator = Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world)
         metrics = evaluator.run(self.eval_split) if coord.stop_reason != "interrupted" else {}
         baselines = evaluator.baselines(self.eval_split) if metrics and self.rank == 0 else {}
+        self.eval_s = time.perf_counter() - t_eval
         self.save_checkpoint(final=True, metrics=metrics)
         return write_summary(self, metrics, baselines, samples / train_s if train_s else 0.0, train_s)
 
@@ -239,6 +245,8 @@ def train_worker(payload: dict) -> None:
     """Ray Train's train_loop_per_worker: payload = {"config", "run_url", "started_at", "board" (the driver's progress actor)}."""
     from ..console import RemoteFeed
 
+    timeline.mark("worker_started")
+    timeline.update(payload.get("timeline") or {})  # the driver's marks
     cfg = Config.model_validate(payload["config"])
     feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
     Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at"), feed).fit()
