@@ -29,7 +29,8 @@ def scaled_lr(factor: float) -> list[str]:
     return [f"phases.{p}.lr={lr * factor:g}" for p, lr in LRS.items()]
 
 
-OPTIONS = {"none": [], "fp16": ["train.grad_compression=fp16"],
+OPTIONS = {"none": [], "fp16": ["train.grad_compression=fp16"], "powersgd (rank 2)": ["train.grad_compression=powersgd"],
+           "powersgd (rank 8)": ["train.grad_compression=powersgd", "train.powersgd_rank=8"],
            "accumulate=2": ["train.accumulate=2"], "accumulate=2, lr x2": ["train.accumulate=2", *scaled_lr(2)],
            "accumulate=2, lr x2 + fp16": ["train.accumulate=2", *scaled_lr(2), "train.grad_compression=fp16"],
            "accumulate=4": ["train.accumulate=4"], "accumulate=4, lr x2": ["train.accumulate=4", *scaled_lr(2)],

@@ -106,6 +106,117 @@ def ray_checkpoint_steps(s3_server, run):
                   if "/checkpoint_" in k and k.endswith("meta.json"))
 
 
+def test_sweep_submitted_from_a_regular_install_spreads_over_two_nodes(cluster, s3_server, s3_data, regular_install, tmp_path):
+    """A sweep job submitted from a non-editable install runs on the cluster: what travels is that
+    install's aae_dist folder alone (the dry run from the same interpreter lists it) and the resolved
+    config; its 1-worker trials (1 CPU each) run two at once, one per node, each an ordinary run on S3."""
+    from test_submit import dry_run_plan
+
+    py, site, where = regular_install
+    module, kb, _ = dry_run_plan(py, cluster.job_api, tmp_path)
+    assert module == os.path.dirname(where) and kb < 1000
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    env = loopback_env({"TQDM_DISABLE": "1"})
+    proc = subprocess.run([py, "-m", "aae_dist.cli", "submit", "--address", cluster.job_api, "--command", "sweep", "--storage", storage,
+                           "--name", "sweep", "--follow", *sets(f"data.path={s3_data}", "train.max_steps=4", "run.cpus_per_worker=1"),
+                           "--", "--grid", "train.seed=1,2", "--workers-per-trial", "1", "--metric", "recon_loss", "--mode", "min"],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
+    import boto3
+
+    rows = boto3.client("s3").get_object(Bucket=s3_server["bucket"], Key="cluster/runs/sweep/sweep.csv")["Body"].read().decode()
+    header, *lines = rows.strip().splitlines()
+    assert len(lines) == 2 and "recon_loss" in header and "train.seed" in header, rows
+    trials = sorted({k.split("/")[3] for k in s3_keys(s3_server, "cluster/runs/sweep/") if k.endswith("/summary.json")})
+    summaries = [s3_json(s3_server, f"cluster/runs/sweep/{t}/summary.json") for t in trials]
+    assert len(summaries) == 2 and all(s["steps"] == 4 for s in summaries)
+    assert len({s["workers"][0]["node"] for s in summaries}) == 2, [s["workers"] for s in summaries]  # Ray node ids: one trial per node
+
+
+FAULT_MARKER = f"/tmp/aae-fault-{os.getpid()}"
+STEP_LOG = f"/tmp/aae-steps-{os.getpid()}.log"  # every rank of every run here appends "world rank step"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    bin_dir = os.path.dirname(sys.executable)
+    # run "kill": rank 0 dies (SIGKILL) halfway through writing its step-10 checkpoint
+    c = LocalCluster({"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                      "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}", "AAE_DIST_STEP_LOG": STEP_LOG, "AAE_DIST_STEP_DELAY": "0.05"})
+    try:
+        c.start_head(1, {"head_node": 1})
+        c.add_node(1, {"worker_node": 1})
+        assert sorted(c.wait_nodes(2)) == ["127.0.0.2", "127.0.0.3"]  # a real two-node cluster, all on loopback
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server):
+    from aae_dist.data.writer import write_dataset
+    from conftest import ident_arrays
+
+    x, y = ident_arrays(1200)
+    url = f"s3://{s3_server['bucket']}/cluster/data"
+    write_dataset(url, {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:])}, num_classes=10, source="t", shard_size=250, progress=False)
+    return url
+
+
+def cli(*argv, env=None, timeout=400):
+    env = loopback_env({"TQDM_DISABLE": "1", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "aae_dist.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def s3_json(s3_server, key):
+    import boto3
+
+    return json.loads(boto3.client("s3").get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read())
+
+
+def s3_keys(s3_server, prefix):
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_server["bucket"], Prefix=prefix)
+    return [o["Key"] for p in pages for o in p.get("Contents", [])]
+
+
+def sets(*extra):
+    out = []
+    for s in SMALL_MODEL + list(extra):
+        out += ["--set", s]
+    return out
+
+
+def test_submit_two_workers_on_two_nodes(cluster, s3_server, s3_data):
+    storage = f"s3://{s3_server['bucket']}/cluster/runs"
+    proc = cli("submit", "--address", cluster.job_api, "--workers", "2", "--storage", storage, "--name", "twonode", "--follow",
+               *sets(f"data.path={s3_data}", "train.max_steps=12", "train.checkpoint_every=4", "run.placement=SPREAD"))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    s = s3_json(s3_server, "cluster/runs/twonode/summary.json")
+    assert s["world_size"] == 2 and s["nodes"] == 2 and s["replicas_in_sync"] and s["steps"] == 12
+    assert len({w["node"] for w in s["workers"]}) == 2
+    keys = s3_keys(s3_server, "cluster/runs/twonode/")
+    assert any("/checkpoint_" in k and k.endswith("state.pt") for k in keys)
+    assert any("/tensorboard/" in k and "tfevents" in k for k in keys)
+    status = cli("jobs", "status", job_id, "--address", cluster.job_api)
+    assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+    listed = cli("jobs", "list", "--address", cluster.job_api)
+    assert job_id in listed.stdout
+    # the nodes hold the S3 secret in their environment: it reaches neither the job's output nor its Ray log
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    job_logs = glob.glob(f"/tmp/ray/session_*/logs/job-driver-{job_id}.log")
+    assert job_logs and secret not in proc.stdout + proc.stderr
+    assert all(secret.encode() not in open(p, "rb").read() for p in job_logs)
+
+
+def ray_checkpoint_steps(s3_server, run):
+    return sorted(s3_json(s3_server, k)["step"] for k in s3_keys(s3_server, f"cluster/runs/{run}/")
+                  if "/checkpoint_" in k and k.endswith("meta.json"))
+
+
 def test_submit_from_a_regular_install(cluster, s3_server, s3_data, regular_install, tmp_path):
     """A job submitted from a non-editable install runs on the cluster; what travels is that install's
     aae_dist folder alone (the dry run from the same interpreter lists it) and the resolved config."""

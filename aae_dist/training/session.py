@@ -98,3 +98,8 @@ class TuneSession(LocalSession):
 
         super().save(folder, step, metrics)
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()  # the Ray node the trial runs on, as for Ray Train workers

@@ -52,7 +52,7 @@ class Trainer:
         if cfg.train.compile:
             for m in self.aae.nets.values():  # compile forward only: state_dict keys stay plain
                 m.forward = torch.compile(m.forward)
-        self.comm = CommStats(cfg.train.grad_compression)
+        self.comm = CommStats(cfg.train.grad_compression, cfg.train.powersgd_rank)
         self.wrapped = dict(self.aae.nets)
         if distributed():
             self.wrapped = {n: wrap(m, self.device) for n, m in self.aae.nets.items()}
