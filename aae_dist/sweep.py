@@ -119,6 +119,29 @@ def _trial(params: dict, spec: dict) -> None:
     write_hparams(run_url, params, spec["metric"])
 
 
+def _keep_credentials_out_of_trial_envs() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trial actor's runtime environment,
+    which Ray's runtime-env agent writes to its log in plain text.  Trials read storage with the
+    credentials their node already has (as Ray Train workers do), so Tune is told not to copy them."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+def _leave_ray_working_dir() -> None:
+    """A sweep submitted as a Ray job runs in the job's working_dir, which Ray deletes once the job's
+    runtime environment leaves its cache, while the driver still runs; Tune then fails on
+    os.getcwd().  Every path is absolute by now, so the driver steps out into the temp folder."""
+    import tempfile
+
+    try:
+        inside = f"{os.sep}runtime_resources{os.sep}" in os.getcwd()
+    except FileNotFoundError:
+        inside = True
+    if inside:
+        os.chdir(tempfile.gettempdir())
+
+
 def write_hparams(run_url: str, params: dict, metric: str) -> None:
     """The trial's config keys and final metrics as TensorBoard hparams: `tensorboard --logdir
     STORAGE/NAME` shows the trials side by side."""
@@ -227,6 +250,8 @@ def sweep_from_cli(args) -> int:
           f"{args.workers_per_trial} worker(s) each; folder {storage.redact(sweep_url)}", flush=True)
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
+    _keep_credentials_out_of_trial_envs()
+    _leave_ray_working_dir()
     tune_store = ray_storage(root)
     if args.resume:
         tuner = Tuner.restore(storage.join(tune_store["storage_path"], name) if "storage_filesystem" in tune_store else sweep_url,

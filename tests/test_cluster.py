@@ -131,6 +131,12 @@ def test_sweep_submitted_from_a_regular_install_spreads_over_two_nodes(cluster, 
     summaries = [s3_json(s3_server, f"cluster/runs/sweep/{t}/summary.json") for t in trials]
     assert len(summaries) == 2 and all(s["steps"] == 4 for s in summaries)
     assert len({s["workers"][0]["node"] for s in summaries}) == 2, [s["workers"] for s in summaries]  # Ray node ids: one trial per node
+    # Tune would copy the driver's AWS credentials into each trial's runtime env, which Ray logs: not one file of the logs holds it
+    job_id = proc.stdout.splitlines()[0].strip()
+    logs = os.path.dirname(glob.glob(f"/tmp/ray/session_*/logs/job-driver-{job_id}.log")[0])
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    leaks = [os.path.join(r, f) for r, _, fs in os.walk(logs) for f in fs if secret in open(os.path.join(r, f), "rb").read()]
+    assert not leaks, leaks
 
 
 FAULT_MARKER = f"/tmp/aae-fault-{os.getpid()}"
