@@ -207,15 +207,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         if limit is not None:
             total = min(total, limit)
         keep = self.shuffle_buffer if self.shuffle else 0
-        pool, emitted = None, 0
+        pool, slots, emitted = None, _Slots(), 0
         for i, parts in enumerate(parts_per_segment):
             if emitted >= total:
                 return
-            if pool is not None and len(pool[0]):
-                parts = tuple(np.concatenate([p, q]) for p, q in zip(pool, parts))
-            n = len(parts[0])
+            if self.shuffle:  # rows stay in the slot buffer until they leave in a batch: copied in once, out once
+                cand = slots.add(parts)
+                n = len(cand)
+            else:
+                if pool is not None and len(pool[0]):
+                    parts = tuple(np.concatenate([p, q]) for p, q in zip(pool, parts))
+                n = len(parts[0])
             n_out = n if i == n_segments - 1 else max(0, n - keep) // B * B
-            # shuffle by index: each emitted sample is copied once, into its batch
             order = rng.permutation(n) if self.shuffle else None
             for s in range(0, n_out, B):
                 if emitted >= total:
@@ -223,9 +226,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if min(B, n_out - s) < B and self.drop_last:
                     break
                 if emitted >= skip:
-                    yield tuple(p[order[s : s + B]] for p in parts) if self.shuffle else tuple(p[s : s + B] for p in parts)
+                    yield slots.take(cand[order[s : s + B]]) if self.shuffle else tuple(p[s : s + B] for p in parts)
                 emitted += 1
-            pool = tuple(p[order[n_out:]] for p in parts) if self.shuffle else tuple(p[n_out:] for p in parts)
+            if self.shuffle:
+                slots.keep(cand[order[n_out:]], cand[order[:n_out]])
+            else:
+                pool = tuple(p[n_out:] for p in parts)
 
     # ---- reading ----------------------------------------------------------------------------
     def read_segment(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
@@ -338,6 +344,44 @@ class ShardStream(torch.utils.data.IterableDataset):
             out[shard.name] = keep[offset : offset + shard.count]
             offset += shard.count
         return out
+
+
+class _Slots:
+    """The shuffle buffer's storage.  The pool used to be re-concatenated with each new segment and
+    re-gathered after it (five row copies per sample); here a row is written once into a free slot
+    and copied once more, into its batch.  The candidates' order (pool first, then the new rows) is
+    the old one, so the batches are the same."""
+
+    def __init__(self):
+        self.bufs: tuple[np.ndarray, ...] | None = None
+        self.live = np.empty(0, np.int64)  # slots of the pooled rows, in pool order
+        self.free = np.empty(0, np.int64)
+
+    def add(self, parts: tuple[np.ndarray, ...]) -> np.ndarray:
+        """Store a segment's rows; the candidate slots: the pool's, then the new rows'."""
+        m = len(parts[0])
+        if len(self.free) < m:
+            self._grow(parts, len(self.live) + m)
+        new, self.free = self.free[:m], self.free[m:]
+        for buf, p in zip(self.bufs, parts):
+            buf[new] = p
+        return np.concatenate([self.live, new])
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(buf[idx] for buf in self.bufs)
+
+    def keep(self, pooled: np.ndarray, released: np.ndarray) -> None:
+        self.live = pooled
+        self.free = np.sort(np.concatenate([self.free, released]))  # in slot order: the next writes are near-sequential
+
+    def _grow(self, parts, need: int) -> None:
+        cap = max(need, 2 * (len(self.bufs[0]) if self.bufs else 0))
+        bufs = tuple(np.empty((cap,) + p.shape[1:], p.dtype) for p in parts)
+        k = len(self.live)
+        if self.bufs is not None and k:
+            for nb, ob in zip(bufs, self.bufs):
+                nb[:k] = ob[self.live]
+        self.bufs, self.live, self.free = bufs, np.arange(k), np.arange(k, cap)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
