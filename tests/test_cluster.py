@@ -184,11 +184,14 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
         if os.path.exists(FAULT_MARKER):
             os.remove(FAULT_MARKER)
     assert proc.returncode == 0, out[-3000:]
-    steps = rank0()
-    restarts = [(a, b) for a, b in zip(steps, steps[1:]) if b != a + 1]
+    rows = [(s, pid) for w, r, s, pid in read_step_log(STEP_LOG, pids=True) if r == 0]
+    steps = [s for s, _ in rows]
+    # a restart = rank 0 in a new process (a kill right after a checkpoint resumes at the very next step)
+    restarts = [(a, b) for (a, p), (b, q) in zip(rows, rows[1:]) if q != p]
     assert len(restarts) == 2, (kill_at, restarts)
+    assert all(b == a + 1 for (a, p), (b, q) in zip(rows, rows[1:]) if q == p), steps  # within a process: one step at a time
     for a, b in restarts:  # went back to the step after the latest complete checkpoint: at most `every` redone
-        assert b <= a and a - (b - 1) <= every and (b - 1) % every == 0, (kill_at, a, b)
+        assert b <= a + 1 and a - (b - 1) <= every and (b - 1) % every == 0, (kill_at, a, b)
     assert restarts[0] == (10, 6), restarts  # the step-10 checkpoint was half-written: resumed from step 5
     assert steps[-1] == 40 and set(steps) == set(range(1, 41)), (kill_at, steps)
     s = s3_json(s3_server, "cluster/runs/kill/summary.json")

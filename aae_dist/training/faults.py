@@ -33,13 +33,16 @@ def step_tracer():
     def after_step(world: int, rank: int, step: int) -> None:
         if log:
             with open(log, "a") as fh:  # one short line per write: appends from several processes stay whole
-                fh.write(f"{world} {rank} {step}\n")
+                fh.write(f"{world} {rank} {step} {os.getpid()}\n")
         if delay:
             time.sleep(delay)
 
     return after_step
 
 
-def read_step_log(path: str) -> list[tuple[int, int, int]]:
+def read_step_log(path: str, pids: bool = False) -> list[tuple[int, ...]]:
+    """(world, rank, step) per logged step, with the process id last if `pids`: a restarted worker is a
+    new process, which tells a restart apart even when it resumes at the very next step."""
     with open(path) as fh:
-        return [tuple(int(v) for v in line.split()) for line in fh if line.strip()]
+        rows = [tuple(int(v) for v in line.split()) for line in fh if line.strip()]
+    return rows if pids else [r[:3] for r in rows]
