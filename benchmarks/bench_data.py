@@ -69,6 +69,13 @@ def rate_plain_ranges(url: str, request_bytes: int, epochs: int = 2) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def client_cpu(run) -> float:
+    """CPU seconds this process spends while `run` streams (both cores' worth: all of its threads)."""
+    t0 = time.process_time()
+    run()
+    return time.process_time() - t0
+
+
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +122,10 @@ def main() -> None:
         s3 = best(lambda: rate_reader(s3url, args.batch))  # the defaults
         s3_noshuffle = best(lambda: rate_reader(s3url, args.batch, shuffle=False))
         s3_plain = max(plain.values())
+        best_req = max(plain, key=plain.get)
+        cpu = {name: client_cpu(f) / (2 * args.samples) for name, f in (("plain client", lambda: rate_plain_ranges(s3url, best_req)),
+                                                    ("reader, shuffled", lambda: rate_reader(s3url, args.batch)),
+                                                    ("reader, unshuffled", lambda: rate_reader(s3url, args.batch, shuffle=False)))}
         cache = tempfile.mkdtemp(prefix="aae-bench-cache-")
         s3_cached = rate_reader(s3url, args.batch, epochs=3, cache_dir=cache)
         s3_half = rate_reader(s3url, args.batch, world_size=2, rank=1)  # one rank of two: ranged reads
@@ -133,6 +144,8 @@ def main() -> None:
         print(f"[data]   requests of {req >> 20} MiB, reader with {conns} connections: {r:,.0f} samples/s; plain client: {plain[req]:,.0f} -> {r / plain[req]:.2f}x")
     print(f"[data] reader, S3, defaults, shuffled: {s3:,.0f} samples/s = {s3 / s3_plain:.2f}x the plain client at its best request size ({s3_plain:,.0f}) (goal >= 0.8x); "
           f"unshuffled {s3_noshuffle:,.0f} ({s3_noshuffle / s3_plain:.2f}x); {s3 / loc:.2f}x the local reader")
+    for name, sec in cpu.items():
+        print(f"[data]   client CPU, {name}: {1e6 * sec:.2f} s per million samples (the server needs the rest of the cores)")
     print(f"[data] reader, S3 with local cache over 3 epochs {s3_cached:,.0f} ({s3_cached / loc:.2f}x local reader)")
     print(f"[data] reader, S3, rank 1 of 2 (byte ranges): {s3_half:,.0f} samples/s")
     print(f"[data] training step (paper MLP, batch {args.batch}): {step:,.0f} samples/s -> reader headroom local {loc / step:.0f}x, S3 {s3 / step:.0f}x (goal >= 20x)")
