@@ -49,7 +49,7 @@ def step_rate(data, model, batch, steps, amp, compile_, gpu) -> tuple[float, flo
     sync(t.device)
     rate = steps * batch / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if t.device.type == "cuda" else float("nan")
-    t.logger.close()
+    t.reporter.logger.close()
     return rate, peak
 
 
