@@ -104,7 +104,7 @@ OPTIONS = {  # name: (bytes factor, micro-batches per optimizer step)
 def options_table(args, data: str, model: str = "mlp", batch: int = 1024) -> None:
     """What each communication option buys at 8-512 GPUs: efficiency and speed-up over one GPU."""
     total_bytes = sum(phase_bytes(model).values())
-    tc = step_flops(model, batch, data) / (args.gpu_tflops * 1e12)
+    tc = args.step_ms / 1000 if args.step_ms else step_flops(model, batch, data) / (args.gpu_tflops * 1e12)
     print(f"\n[options] {model}, batch {batch}/GPU, per micro-batch compute {tc * 1000:.3f} ms, {total_bytes / 1e6:.1f} MB of fp32 "
           "gradients per optimizer step; efficiency (speed-up over 1 GPU) per option")
     nets = (100, 400)
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--gpu-tflops", type=float, default=200.0, help="assumed achieved GPU throughput")
     ap.add_argument("--latency-us", type=float, default=10.0, help="assumed per-hop latency of the GPU network")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--step-ms", type=float, help="a measured GPU step time (bench_gpu.py) for the options table instead of FLOPs / --gpu-tflops")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     data = write_mnist_like(n=20_000)
