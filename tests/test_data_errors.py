@@ -93,6 +93,14 @@ def test_truncated_shard_whole_and_ranged(make_dataset, capsys):
         list(ShardStream(url, "train", 10, rank=1, world_size=2).iter_epoch(0))  # ranged read path
 
 
+def test_shard_that_grew_is_refused(make_dataset, capsys):
+    """Blocks intact but bytes appended: the whole-file read asks for one byte past the manifest's size."""
+    url, _, _ = make_dataset(100, 100)
+    path = os.path.join(url, "train-00000.x.npy")
+    open(path, "ab").write(b"\0" * 16)
+    one_line_error(*run_cli(capsys, "verify", url), "train-00000.x.npy", "truncated or replaced")
+
+
 def test_shard_with_wrong_shape(make_dataset, capsys):
     url, _, _ = make_dataset(100, 100)
     from aae_dist.data.format import block_digests, encode_npy, sha256

@@ -275,14 +275,15 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         From object storage the range goes out as concurrent ranged requests of about
         `request_bytes`, each checked in its own thread as it arrives (hashing overlaps the
-        other downloads; sha256 releases the GIL).  A shorter file fails the length check of
-        its last request, so no separate size request is needed."""
+        other downloads; sha256 releases the GIL).  A shorter or longer file fails the length
+        check of its last request, so no separate size request is needed."""
         bs = meta.block_bytes
         step = max(bs, self.request_bytes // bs * bs) if self._remote else hi - lo
         parts = [(p, min(hi, p + step)) for p in range(lo, hi, max(step, 1))] or [(lo, hi)]
 
         def fetch(p: int, q: int) -> bytes:
-            data = storage.read_bytes(url, p, q)
+            # the request that ends the file asks for one byte more: a file that grew is caught too
+            data = storage.read_bytes(url, p, q + 1 if q == meta.bytes else q)
             if len(data) != q - p:
                 raise UserError(
                     f"shard {storage.redact(url)} is truncated or replaced: bytes {p}-{q} came back as {len(data)} bytes, "
