@@ -149,14 +149,6 @@ def exists(url: str) -> bool:
     return with_retries("checking", url, lambda: fs.exists(path))
 
 
-def size(url: str) -> int:
-    fs, path = filesystem(url)
-    try:
-        return with_retries("checking", url, lambda: fs.size(path))
-    except FileNotFoundError:
-        raise UserError(f"missing file {redact(url)}: check the dataset URL or re-shard it") from None
-
-
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write so that readers see the old file or the whole new one, never half of it.
 
