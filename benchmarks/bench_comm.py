@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import PAPER_MLP, machine  # noqa: E402
+from common import PAPER_MLP, HandWrittenAAE, machine  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
 from aae_dist.training.multiprocess import run_processes  # noqa: E402
@@ -56,7 +56,6 @@ def _hand_ddp(rank: int, world: int, port: int, data: str, steps: int, out: str)
     import numpy as np
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
@@ -64,35 +63,13 @@ def _hand_ddp(rank: int, world: int, port: int, data: str, steps: int, out: str)
     files = sorted(f for f in os.listdir(data) if f.startswith("train-") and f.endswith(".x.npy"))
     x_all = torch.from_numpy(np.concatenate([np.load(os.path.join(data, f), allow_pickle=False) for f in files])[rank::world])
 
-    def mlp(sizes):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
-        return torch.nn.Sequential(*layers)
-
-    torch.manual_seed(0)
-    enc, dec, disc = (DDP(mlp(s)) for s in ([784, 1000, 1000, 8], [8, 1000, 1000, 784], [8, 1000, 1000, 1]))
-    opt_ae = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3, betas=(0.9, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(enc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    aae = HandWrittenAAE(wrap=DDP)  # one DDP per network
     n, t0 = len(x_all) // BATCH, None
     for step in range(steps + 5):
         if step == 5:
             dist.barrier()
             t0 = time.perf_counter()  # after warm-up, like the framework's figure
-        x = x_all[(step % n) * BATCH : (step % n + 1) * BATCH].float().div(255).view(BATCH, -1)
-        opt_ae.zero_grad()
-        F.binary_cross_entropy_with_logits(dec(enc(x)), x).backward()
-        opt_ae.step()
-        opt_d.zero_grad()
-        with torch.no_grad():
-            z_fake = enc.module(x)
-        logits = disc(torch.cat([torch.randn(BATCH, 8), z_fake])).squeeze(1)
-        F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(BATCH), torch.zeros(BATCH)])).backward()
-        opt_d.step()
-        opt_g.zero_grad()
-        F.binary_cross_entropy_with_logits(disc(enc(x)).squeeze(1), torch.ones(BATCH)).backward()
-        opt_g.step()
+        aae.step(x_all[(step % n) * BATCH : (step % n + 1) * BATCH].float().div(255).view(BATCH, -1))
     dist.barrier()
     if rank == 0:
         with open(out, "w") as fh:

@@ -14,53 +14,23 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import PAPER_MLP, machine, write_mnist_like  # noqa: E402
+from common import PAPER_MLP, HandWrittenAAE, machine, write_mnist_like  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
 
 
 def naive_loop(x_all: torch.Tensor, batch: int, steps: int) -> float:
-    """The textbook AAE step, written by hand: recon, D on prior vs codes, encoder as generator."""
-
-    def mlp(sizes):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(torch.nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(torch.nn.ReLU())
-        return torch.nn.Sequential(*layers)
-
-    torch.manual_seed(0)
-    enc, dec, disc = mlp([784, 1000, 1000, 8]), mlp([8, 1000, 1000, 784]), mlp([8, 1000, 1000, 1])
-    opt_ae = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=1e-3, betas=(0.9, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam(enc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    """The textbook AAE step, written by hand (common.HandWrittenAAE), in this process."""
+    aae = HandWrittenAAE()
     n = len(x_all) // batch
     t0 = None
     for step in range(steps + 5):
         if step == 5:
             t0 = time.perf_counter()  # after warm-up, like the framework's figure (start-up excluded)
         i = step % n
-        x = x_all[i * batch : (i + 1) * batch].float().div(255).view(batch, -1)
-        opt_ae.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(dec(enc(x)), x)
-        loss.backward()
-        opt_ae.step()
-        opt_d.zero_grad()
-        z_fake = enc(x).detach()
-        z_real = torch.randn(batch, 8)
-        logits = disc(torch.cat([z_real, z_fake])).squeeze(1)
-        d_loss = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(batch), torch.zeros(batch)]))
-        d_loss.backward()
-        opt_d.step()
-        opt_g.zero_grad()
-        g_logits = disc(enc(x)).squeeze(1)
-        g_loss = F.binary_cross_entropy_with_logits(g_logits, torch.ones(batch))
-        g_loss.backward()
-        opt_g.step()
+        aae.step(x_all[i * batch : (i + 1) * batch].float().div(255).view(batch, -1))
     return steps * batch / (time.perf_counter() - t0)
 
 

@@ -28,3 +28,44 @@ def write_mnist_like(url: str | None = None, n: int = 60_000, shard_size: int = 
     x, y = mnist_like(n)
     write_dataset(url, {"train": (x, y), "test": (x[:1000], y[:1000])}, num_classes=10, source="synthetic", shard_size=shard_size, progress=False, overwrite=True)
     return url
+
+
+class HandWrittenAAE:
+    """The textbook AAE step written by hand (paper MLP 784-1000-1000-8, Adam): the reference the
+    framework is measured against, in one process or, with `wrap` (e.g. DDP), in several."""
+
+    def __init__(self, wrap=None):
+        def mlp(sizes):
+            layers = []
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+                layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+            return torch.nn.Sequential(*layers)
+
+        torch.manual_seed(0)
+        self.wrapped = wrap is not None
+        self.enc, self.dec, self.disc = ((wrap or (lambda m: m))(mlp(s)) for s in ([784, 1000, 1000, 8], [8, 1000, 1000, 784], [8, 1000, 1000, 1]))
+        self.opt_ae = torch.optim.Adam(list(self.enc.parameters()) + list(self.dec.parameters()), lr=1e-3, betas=(0.9, 0.999))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_g = torch.optim.Adam(self.enc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def fake_codes(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.wrapped:
+            return self.enc(x).detach()
+        with torch.no_grad():  # DDP cannot run a forward whose graph is then dropped: its plain module, without gradients
+            return self.enc.module(x)
+
+    def step(self, x: torch.Tensor) -> None:
+        """Reconstruction, D on prior samples vs codes, the encoder as generator."""
+        import torch.nn.functional as F
+
+        b = len(x)
+        self.opt_ae.zero_grad()
+        F.binary_cross_entropy_with_logits(self.dec(self.enc(x)), x).backward()
+        self.opt_ae.step()
+        self.opt_d.zero_grad()
+        logits = self.disc(torch.cat([torch.randn(b, 8), self.fake_codes(x)])).squeeze(1)
+        F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(b), torch.zeros(b)])).backward()
+        self.opt_d.step()
+        self.opt_g.zero_grad()
+        F.binary_cross_entropy_with_logits(self.disc(self.enc(x)).squeeze(1), torch.ones(b)).backward()
+        self.opt_g.step()
