@@ -77,12 +77,16 @@ class RaySession(Session):
         self._train.report(metrics)  # a collective: every rank, every time
 
     def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
+        return ray_node_id()
 
     def stop_requested(self) -> bool:
         return storage.exists(storage.join(self.run_url, interrupt.STOP_MARKER))
+
+
+def ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def scratch_dir() -> str:
@@ -100,6 +104,4 @@ class TuneSession(LocalSession):
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()  # the Ray node the trial runs on, as for Ray Train workers
+        return ray_node_id()  # the Ray node the trial runs on, as for Ray Train workers
