@@ -28,10 +28,20 @@ def loopback_env(extra: dict | None = None) -> dict:
     return env
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this test process: the kernel can return a port
+    just released, and two of a node's services on one port (runtime-env agent and dashboard agent)
+    made the raylet's requests land on the wrong server (HTTP 405, seen once in CI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def ray_exe() -> str:
