@@ -136,12 +136,22 @@ class TrainConfig(Section):
                             "per network, e.g. {encoder: powersgd, decoder: powersgd, discriminator: fp16}")
     accumulate: int = Field(1, gt=0, description="micro-batches (of data.batch_size each) per optimizer step per phase; gradients "
                                                     "are all-reduced once per step (DDP no_sync on the others): K x fewer bytes per sample")
+    average_every: int = Field(1, gt=0, description="1: gradients all-reduced every step (DDP); H > 1: local SGD, each worker "
+                                                       "steps on its own gradients and the parameters are averaged every H steps "
+                                                       "(and at checkpoints): H x fewer bytes per sample, as many updates as DDP")
     powersgd_rank: int = Field(2, gt=0, description="rank of PowerSGD's gradient approximation (with error feedback)")
     threads: Optional[int] = Field(None, gt=0, description="torch threads per worker")
     image_every: int = Field(500, gt=0, description="steps between TensorBoard images and figures")
     nan_policy: Literal["skip", "stop"] = Field("stop", description="non-finite loss: stop (last checkpoint kept) or skip the update")
     progress: bool = Field(True, description="progress bar on rank 0")
     parzen_samples: int = Field(10_000, ge=0, description="decoded prior samples for parzen_ll at the end (0: skip)")
+
+    @model_validator(mode="after")
+    def _one_way_to_save_bytes(self):
+        if self.average_every > 1 and self.grad_compression != "none":
+            raise ValueError(f"train.average_every={self.average_every} sends no gradients, so train.grad_compression has nothing to "
+                             "compress: drop one of the two")
+        return self
 
 
 class RunSection(Section):

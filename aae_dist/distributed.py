@@ -25,10 +25,10 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(module, device_ids=ids, gradient_as_bucket_view=True, **kw)
 
 
-def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the workers in place (a no-op in one process)."""
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) over the workers in place (a no-op in one process)."""
     if distributed():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 
@@ -41,18 +41,24 @@ def all_gather(obj) -> list:
     return out
 
 
-def average_buffers(modules) -> None:
+def average_buffers(modules) -> int:
     """Make floating buffers (batch-norm running statistics) the mean over the workers, so every
     replica holds the same state; DDP leaves buffers alone (broadcast_buffers=False)."""
-    if not distributed():
-        return
-    bufs = [b for m in modules for b in m.buffers() if b.is_floating_point()]
-    if not bufs:
-        return
-    flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+    return average_([b for m in modules for b in m.buffers() if b.is_floating_point()])
+
+
+def average_(tensors: list[torch.Tensor]) -> int:
+    """Replace each tensor, in place, by its mean over the workers, in ONE all-reduce; returns the bytes
+    sent.  In place (torch's model_averaging.utils.average_parameters rebinds `p.data` to views of a
+    temporary buffer instead): parameters keep their storage for optimizers and DDP's buckets."""
+    if not distributed() or not tensors:
+        return 0
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for b in bufs:
-        b.copy_(flat[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return flat.numel() * flat.element_size()

@@ -1,5 +1,5 @@
 """Fewer bytes per sample on 2 workers: gradient accumulation (with and without learning rates scaled
-with K) and half-precision gradients against no option and against a hand-written DDP loop, side by side in one run on this machine (paper MLP 784-1000-1000-8, batch 128 per worker,
+with K), half-precision and PowerSGD gradients, and local SGD (parameters averaged every H steps) against no option and against a hand-written DDP loop, side by side in one run on this machine (paper MLP 784-1000-1000-8, batch 128 per worker,
 1 thread per process), each run for the same number of samples of the embedded real digits; plus the machine's ceiling for 2
 workers: one single-thread process alone, and two independent ones at once (no communication).
 
@@ -34,7 +34,9 @@ OPTIONS = {"none": [], "fp16": ["train.grad_compression=fp16"], "powersgd (rank 
            "accumulate=2": ["train.accumulate=2"], "accumulate=2, lr x2": ["train.accumulate=2", *scaled_lr(2)],
            "accumulate=2, lr x2 + fp16": ["train.accumulate=2", *scaled_lr(2), "train.grad_compression=fp16"],
            "accumulate=4": ["train.accumulate=4"], "accumulate=4, lr x2": ["train.accumulate=4", *scaled_lr(2)],
-           "accumulate=4 + fp16": ["train.accumulate=4", "train.grad_compression=fp16"]}
+           "accumulate=4 + fp16": ["train.accumulate=4", "train.grad_compression=fp16"],
+           "local SGD, average every 4": ["train.average_every=4"], "local SGD, average every 8": ["train.average_every=8"],
+           "local SGD, average every 16": ["train.average_every=16"], "local SGD, average every 32": ["train.average_every=32"]}
 
 
 def sets(data: str, steps: int, extra=()) -> list[str]:

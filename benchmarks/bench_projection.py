@@ -31,12 +31,22 @@ MODELS = {"mlp": PAPER_MLP, "conv": ["model.kind=conv", "model.hidden=[1024]", "
 PHASE_NETS = {"reconstruction": ["encoder", "decoder"], "discriminator": ["discriminator"], "generator": ["encoder"]}
 
 
-def phase_bytes(model: str) -> dict:
+def network_bytes(model: str) -> dict:
+    """fp32 bytes of each network's parameters."""
     from aae_dist.models import build_networks
 
     nets = build_networks(load_config(None, MODELS[model]).model, (1, 28, 28))
-    size = {n: sum(p.numel() * 4 for p in m.parameters()) for n, m in nets.items()}
+    return {n: sum(p.numel() * 4 for p in m.parameters()) for n, m in nets.items()}
+
+
+def phase_bytes(model: str) -> dict:
+    size = network_bytes(model)
     return {ph: sum(size[n] for n in names) for ph, names in PHASE_NETS.items()}
+
+
+def parameter_bytes(model: str) -> int:
+    """All three networks: what local SGD averages."""
+    return sum(network_bytes(model).values())
 
 
 def step_flops(model: str, batch: int, data: str) -> float:
@@ -96,9 +106,11 @@ def ring_time(bytes_: float, calls: float, n: int, alpha: float, bw: float) -> f
     return 2 * (n - 1) / n * bytes_ / bw + 2 * (n - 1) * alpha * calls
 
 
-OPTIONS = {  # name: (bytes factor, micro-batches per optimizer step)
-    "none": (1.0, 1), "grad_compression=bf16 (or fp16)": (0.5, 1), "accumulate=4": (1.0, 4),
-    "accumulate=4 + bf16": (0.5, 4), "accumulate=16 + bf16": (0.5, 16)}
+OPTIONS = {  # name: (what one all-reduce round sends: "gradients" or "parameters", bytes factor, steps per round, micro-batches per step)
+    "none": ("gradients", 1.0, 1, 1), "grad_compression=bf16 (or fp16)": ("gradients", 0.5, 1, 1),
+    "accumulate=4": ("gradients", 1.0, 1, 4), "accumulate=4 + bf16": ("gradients", 0.5, 1, 4),
+    "accumulate=16 + bf16": ("gradients", 0.5, 1, 16),
+    "average_every=16 (local SGD)": ("parameters", 1.0, 16, 1), "average_every=64 (local SGD)": ("parameters", 1.0, 64, 1)}
 
 
 def options_table(args, data: str, model: str = "mlp", batch: int = 1024) -> None:
@@ -110,16 +122,20 @@ def options_table(args, data: str, model: str = "mlp", batch: int = 1024) -> Non
     nets = (100, 400)
     print("| option | bytes/sample vs none | " + " | ".join(f"{n} GPUs, {g} Gb/s" for n in (8, 64, 512) for g in nets) + " |")
     print("|---|---|" + "---|" * (3 * len(nets)))
-    for name, (factor, k) in OPTIONS.items():
+    params = parameter_bytes(model)
+    for name, (sends, factor, h, k) in OPTIONS.items():
         cells = []
+        # gradients: one all-reduce per phase per step (4 calls); local SGD: all parameters in one call every h steps
+        round_bytes, calls = (total_bytes * factor, 4) if sends == "gradients" else (params * factor, 1)
         for n in (8, 64, 512):
             for gbps in nets:
-                tcomm = ring_time(total_bytes * factor, 4, n, args.latency_us * 1e-6, gbps * 1e9 / 8)
+                tcomm = ring_time(round_bytes, calls, n, args.latency_us * 1e-6, gbps * 1e9 / 8) / h
                 eff = k * tc / (k * tc + tcomm)
                 cells.append(f"{eff:.0%} ({n * eff:.1f}x)")
-        print(f"| {name} | {factor / k:.3f} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {round_bytes / (h * k * total_bytes):.3f} | " + " | ".join(cells) + " |")
     print("Casts to bf16 are taken as free on a GPU (on gloo/CPU here fp16 bought no speed: bench_comm.py). accumulate=K changes "
-          "the optimisation (K times fewer optimizer steps per sample): bench_comm.py measures its loss after the same samples.")
+          "the optimisation (K times fewer optimizer steps per sample); local SGD keeps the steps but lets replicas drift between "
+          "averages: bench_comm.py measures the loss of both after the same samples.")
 
 
 def main() -> None:

@@ -51,6 +51,12 @@ class CommStats:
             total += g.numel()
         return total
 
+    def count(self, sent_bytes: int) -> None:
+        """Bytes sent outside DDP's hooks (local SGD's parameter averages), under the current phase."""
+        if sent_bytes:
+            self.calls[self.phase] += 1
+            self.bytes[self.phase] += sent_bytes
+
     def per_step(self, steps: int) -> dict:
         steps = max(1, steps)
         return {

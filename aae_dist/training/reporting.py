@@ -53,7 +53,7 @@ class Reporter:
                            "losses": {k.split("/")[0][:5]: v for k, v in means.items() if k.endswith("/loss")}})
         scalars["coordinator/skip_discriminator"] = float(coord.skip.get("discriminator", False))
         lg.scalars(scalars, step)
-        if step % self.cfg.train.image_every < self.cfg.train.sync_every or coord.done():
+        if step % self.cfg.train.image_every < coord.sync_every or coord.done():
             self.log_images(step)
         lg.maybe_upload()
 

@@ -12,7 +12,7 @@ from .. import checkpoint, seeds, timeline
 from ..checkpoint import Checkpointer
 from ..config import Config
 from ..data import ShardStream, read_manifest
-from ..distributed import average_buffers, distributed, wrap
+from ..distributed import all_reduce_, average_, average_buffers, distributed, wrap
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..models import AAE
@@ -58,6 +58,7 @@ class Trainer:
             self.wrapped = {n: wrap(m, self.device) for n, m in self.aae.nets.items()}
             for n, m in self.wrapped.items():
                 self.comm.attach(n, m)
+        self.average_every = cfg.train.average_every if distributed() else 1  # > 1: local SGD (see _average_replicas)
         self.generator = torch.Generator(device=self.device)
         self.phases = build_phases(cfg)
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
@@ -113,13 +114,16 @@ class Trainer:
             for _ in range(ph.repeat):
                 ph.optimizer.zero_grad(set_to_none=True)
                 for i, (x, y) in enumerate(batches):
-                    with self._no_sync(i < len(batches) - 1):
+                    with self._no_sync(i < len(batches) - 1 or self.average_every > 1):
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                             loss, stats = ph.loss(self.ctx, x, y)
                         scale = ph.cfg.weight / len(batches)
                         (loss * scale if scale != 1.0 else loss).backward()
                     self.coord.record(ph, stats)
                     self.coord.flag_nonfinite(ph, loss)
+                if self.average_every > 1 and not self._grads_finite(ph):
+                    self._skip_local_update(ph)
+                    continue
                 if self.nan_policy == "skip" and not self._grads_finite(ph):
                     ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
                     self.coord.skipped_update()
@@ -133,6 +137,33 @@ class Trainer:
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
         return self.coord.end_step()
+
+    def _skip_local_update(self, ph) -> None:
+        """Local SGD: these gradients are this rank's own, so the other ranks cannot take the same
+        decision now.  The update is dropped here and counted as a non-finite loss: the coordinator's
+        next reduction tells every rank, and nan_policy=stop stops them all there (last checkpoint kept)."""
+        ph.optimizer.zero_grad(set_to_none=True)
+        self.coord.stats.add(f"{ph.name}/nonfinite", 1.0)
+        self.coord.skipped_update()
+
+    def _average_replicas(self) -> None:
+        """Local SGD (train.average_every=H): the parameters become their mean over the workers every H
+        steps, at checkpoints and at the end, so checkpoints, evaluation and the final weights see one
+        model.  At checkpoints and the end the optimizers' state is averaged too, so a resumed run starts
+        from what every rank holds (not just rank 0's moments)."""
+        coord, h = self.coord, self.average_every
+        at_checkpoint = coord.step % self.cfg.train.checkpoint_every == 0 or coord.done()
+        if coord.step % h and not at_checkpoint:
+            return
+        self.comm.phase = "parameter_average"
+        self.comm.count(average_([p for m in self.aae.nets.values() for p in m.parameters()]))
+        if at_checkpoint:
+            states = [t for ph in self.phases for group in ph.optimizer.param_groups for p in group["params"]
+                      for _, t in sorted(ph.optimizer.state.get(p, {}).items()) if torch.is_tensor(t) and t.is_floating_point()]
+            n = sum(t.numel() for t in states)
+            most, minus_least = all_reduce_(torch.tensor([n, -n], dtype=torch.float64), op="max").tolist()
+            if most == -minus_least:  # the same state layout on every rank (a locally skipped first update leaves a hole)
+                self.comm.count(average_(states))
 
     def _no_sync(self, skip_reduction: bool):
         """DDP's no_sync on every network for all micro-batches but a step's last one."""
@@ -184,6 +215,8 @@ class Trainer:
                 if means is not None:
                     average_buffers(self.aae.nets.values())  # batch-norm statistics: the same on every replica
                     self._check_numerics()
+                if self.average_every > 1:
+                    self._average_replicas()
                 if rep:
                     rep.step(coord, means, self.phase_seconds, t_first, self.start_step, self.world)
                 if coord.step % cfg.train.checkpoint_every == 0 and not coord.done():
