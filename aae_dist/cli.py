@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_shard)
 
-    v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, sha256, shape)")
+    v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, checksums, shape)")
     v.add_argument("url", help="dataset URL (folder holding manifest.json)")
     v.set_defaults(func=cmd_verify)
 

@@ -91,7 +91,7 @@ CASES = {
     "unreachable address": (lambda w: T(w, extra=["--workers", "2", "--address", "127.0.0.1:1"]), "cannot reach the Ray cluster at 127.0.0.1:1"),
     "missing manifest": (lambda w: T(w, data="nomanifest"), "manifest.json is missing"),
     "invalid manifest": (lambda w: T(w, data="badmanifest"), "invalid manifest"),
-    "sha256 mismatch": (lambda w: T(w, data="sha"), "fails its sha256 check"),
+    "checksum mismatch": (lambda w: T(w, data="sha"), "fails its xxh3_64 check"),
     "truncated shard": (lambda w: T(w, data="trunc"), "manifest says"),
     "shard with wrong shape": (lambda w: T(w, data="shape"), "(200, 1, 8, 2)"),
     "labels required but absent": (lambda w: T(w, "model.variant=semi_supervised", data="nolabels"), "needs labels"),

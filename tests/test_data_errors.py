@@ -60,7 +60,7 @@ def test_ranged_read_verifies_every_byte_it_uses(make_dataset):
     checksums of its range; rank 0, whose blocks do not hold it, reads its half and verifies it clean."""
     url, x, _ = make_dataset(1000, 1000, block_bytes=1024)
     flip_byte_in_sample(url, "train-00000.x.npy", 800, 1000)
-    with pytest.raises(UserError, match=r"shard .*train-00000\.x\.npy fails its sha256 check in bytes \d+-\d+"):
+    with pytest.raises(UserError, match=r"shard .*train-00000\.x\.npy fails its xxh3_64 check in bytes \d+-\d+"):
         list(ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0))
     got = np.concatenate([b.numpy() for b, _ in ShardStream(url, "train", 50, rank=0, world_size=2, shuffle=False).iter_epoch(0)])
     assert (got == x[:500]).all()
@@ -81,6 +81,31 @@ def test_format_1_dataset_is_read_and_checked_whole(make_dataset):
     flip_byte_in_sample(url, "train-00000.x.npy", 100, 1000)  # in rank 0's half: rank 1 still sees it
     with pytest.raises(UserError, match=r"train-00000\.x\.npy fails its sha256 check: corrupt"):
         list(ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0))
+
+
+def test_format_2_sha256_blocks_still_read_and_checked(make_dataset):
+    """Format 2 (sha256 per block, no block_hash key) reads as before; a flipped byte names sha256 and its block."""
+    from aae_dist.data.format import block_digests
+
+    url, x, _ = make_dataset(1000, 1000, block_bytes=1024)
+    doc = json.load(open(os.path.join(url, "manifest.json")))
+    doc["version"] = 2
+    for sp in doc["splits"].values():
+        for shard in sp["shards"]:
+            for f in ("x", "y"):
+                entry = shard[f]
+                assert entry.pop("block_hash") == "xxh3_64"
+                entry["blocks"] = block_digests(open(os.path.join(url, entry["file"]), "rb").read(), entry["block_bytes"], "sha256")
+    json.dump(doc, open(os.path.join(url, "manifest.json"), "w"))
+    got = np.concatenate([b.numpy() for b, _ in ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0)])
+    assert (got == x[500:]).all()
+    flip_byte_in_sample(url, "train-00000.x.npy", 800, 1000)
+    with pytest.raises(UserError, match=r"train-00000\.x\.npy fails its sha256 check in bytes \d+-\d+"):
+        list(ShardStream(url, "train", 50, rank=1, world_size=2, shuffle=False).iter_epoch(0))
+    doc["splits"]["train"]["shards"][0]["x"]["block_hash"] = "md4"
+    json.dump(doc, open(os.path.join(url, "manifest.json"), "w"))
+    with pytest.raises(UserError, match=r"invalid manifest .*block_hash 'md4' is not one of sha256, xxh3_64"):
+        ShardStream(url, "train", 50)
 
 
 def test_truncated_shard_whole_and_ranged(make_dataset, capsys):

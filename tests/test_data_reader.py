@@ -227,5 +227,5 @@ def test_object_storage_reads_concurrent_checked_ranges(make_dataset, s3_server,
     blob = bytearray(real(storage.join(remote, "train-00000.x.npy")))
     blob[128 + 300 * 16] ^= 0xFF
     storage.write_bytes_atomic(storage.join(remote, "train-00000.x.npy"), bytes(blob))
-    with pytest.raises(UserError, match=r"train-00000\.x\.npy fails its sha256 check in bytes 4608-5120"):
+    with pytest.raises(UserError, match=r"train-00000\.x\.npy fails its xxh3_64 check in bytes 4608-5120"):
         list(ShardStream(remote, "train", 50, **kw).iter_epoch(0))

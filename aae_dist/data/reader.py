@@ -74,6 +74,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.connections, self.request_bytes = max(1, connections), max(1, request_bytes)
         self._remote = not storage.is_local(url)
         self._pool: ThreadPoolExecutor | None = None
+        # the shuffle buffer's rows, sized once for its peak (pool + a batch + a shard) and reused epoch after epoch:
+        # growing it copied the pool each time, and fresh memory costs page faults (bench_data.py)
+        self._slots = _Slots(shuffle_buffer + batch_size + max(s.count for s in self.split.shards)) if shuffle else _Slots()
         self.per_rank = self.split.count // world_size
         if drop_last and self.per_rank < batch_size:
             raise UserError(
@@ -182,7 +185,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         left out: across the groups every sample of the epoch is used at most once."""
         mine = self.share(self.remaining(epoch, stages) if stages else None, self.rank, self.world_size)
         segs = self.segments(epoch, mine)
-        for x, y in self._emit(epoch, self.rank, len(stages), len(mine), self._read_ahead(segs), len(segs), skip):
+        for x, y in self._emit(epoch, self.rank, len(stages), len(mine), self._read_ahead(segs), len(segs), skip, slots=self._slots.reset()):
             yield _tensor(x), _tensor(y)
 
     def _read_ahead(self, segs):
@@ -198,7 +201,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 keep = segs[i][1]
                 yield (x, y) if keep is None else (x[keep], y[keep])
 
-    def _emit(self, epoch: int, rank: int, stage: int, count: int, parts_per_segment, n_segments: int, skip: int, limit=None):
+    def _emit(self, epoch: int, rank: int, stage: int, count: int, parts_per_segment, n_segments: int, skip: int, limit=None, slots=None):
         """The shuffle buffer over a rank's segments: tuples of aligned arrays in, batches of them out.
         The same code serves data (x, y) and index-only replays (positions), so both see the same order."""
         rng = np.random.default_rng(seeds.shuffle_buffer(self.seed, epoch, rank) + ([stage] if stage else []))
@@ -207,7 +210,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if limit is not None:
             total = min(total, limit)
         keep = self.shuffle_buffer if self.shuffle else 0
-        pool, slots, emitted = None, _Slots(), 0
+        pool, slots, emitted = None, slots or _Slots(), 0
         for i, parts in enumerate(parts_per_segment):
             if emitted >= total:
                 return
@@ -353,10 +356,17 @@ class _Slots:
     and copied once more, into its batch.  The candidates' order (pool first, then the new rows) is
     the old one, so the batches are the same."""
 
-    def __init__(self):
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
         self.bufs: tuple[np.ndarray, ...] | None = None
         self.live = np.empty(0, np.int64)  # slots of the pooled rows, in pool order
         self.free = np.empty(0, np.int64)
+
+    def reset(self) -> "_Slots":
+        """Empty, keeping the buffers (batches are copies: nothing handed out refers to them)."""
+        if self.bufs is not None:
+            self.live, self.free = np.empty(0, np.int64), np.arange(len(self.bufs[0]))
+        return self
 
     def add(self, parts: tuple[np.ndarray, ...]) -> np.ndarray:
         """Store a segment's rows; the candidate slots: the pool's, then the new rows'."""
@@ -369,14 +379,15 @@ class _Slots:
         return np.concatenate([self.live, new])
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(buf[idx] for buf in self.bufs)
+        # np.take over rows seen as 2-D: about half the time of buf[idx] on (N, C, H, W) uint8
+        return tuple(np.take(buf.reshape(len(buf), -1), idx, axis=0).reshape((len(idx),) + buf.shape[1:]) for buf in self.bufs)
 
     def keep(self, pooled: np.ndarray, released: np.ndarray) -> None:
         self.live = pooled
         self.free = np.sort(np.concatenate([self.free, released]))  # in slot order: the next writes are near-sequential
 
     def _grow(self, parts, need: int) -> None:
-        cap = max(need, 2 * (len(self.bufs[0]) if self.bufs else 0))
+        cap = max(need, self.capacity, 2 * (len(self.bufs[0]) if self.bufs else 0))
         bufs = tuple(np.empty((cap,) + p.shape[1:], p.dtype) for p in parts)
         k = len(self.live)
         if self.bufs is not None and k:
