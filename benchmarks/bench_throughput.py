@@ -70,7 +70,6 @@ def main() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     print(f"machine: {machine()}")
     data = write_mnist_like()
-    from aae_dist.data.format import read_manifest  # noqa: F401
 
     import numpy as np
 
