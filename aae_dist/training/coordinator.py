@@ -73,9 +73,7 @@ class Coordinator:
         self.cfg, self.phases = cfg, phases
         t = cfg.train
         self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size, stage_length, micro_batches=t.accumulate)
-        # local SGD: reduce on averaging steps only (sync_every rounded up to a multiple of average_every), so the
-        # workers meet once per H steps; a reduction between averages would make them wait for each other twice
-        self.sync_every = -(-t.sync_every // t.average_every) * t.average_every if world_size > 1 else t.sync_every
+        self.sync_every = t.sync_every
         names = [f"{ph.name}/{s}" for ph in phases for s in ph.stat_names] + [f"{ph.name}/nonfinite" for ph in phases] + [STOP]
         self.stats = Stats(names, device)
         self.stop_probe = stop_probe
