@@ -105,6 +105,12 @@ class PhaseConfig(Section):
     decay: float = Field(0.1, gt=0, description="schedule=step and decay_epochs")
 
 
+class ReconstructionPhaseConfig(PhaseConfig):
+    consistency: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x shifted)), "
+                                                       "the y of a randomly translated image learns the y of the image (0: off)")
+    consistency_shift: int = Field(2, ge=1, description="largest translation in pixels, per sample and axis (consistency > 0)")
+
+
 class DiscriminatorPhaseConfig(PhaseConfig):
     repeat: int = Field(1, gt=0, description="D steps per generator step")
     input_noise: float = Field(0.0, ge=0, description="std of noise added to D's inputs")
@@ -112,7 +118,8 @@ class DiscriminatorPhaseConfig(PhaseConfig):
 
 
 class PhasesConfig(Section):
-    reconstruction: PhaseConfig = Field(PhaseConfig(lr=1e-3, beta1=0.9), description="encoder+decoder minimise the reconstruction error")
+    reconstruction: ReconstructionPhaseConfig = Field(ReconstructionPhaseConfig(lr=1e-3, beta1=0.9),
+                                                      description="encoder+decoder minimise the reconstruction error")
     discriminator: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D tells prior samples from codes")
     discriminator_cat: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D on the categorical y")
     generator: PhaseConfig = Field(PhaseConfig(lr=2e-4), description="the encoder learns to fool D")

@@ -73,6 +73,12 @@ def preflight(cfg: Config) -> None:
     if row.needs_labels and not m.labels:
         raise UserError(f"model.variant={cfg.model.variant} needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
     k = cfg.model.num_classes or m.num_classes
+    if cfg.phases.reconstruction.consistency and not row.categorical:
+        raise UserError(f"phases.reconstruction.consistency needs a variant with a categorical y (clustering, semi_supervised, "
+                        f"dim_reduction), not model.variant={cfg.model.variant}: set it to 0")
+    if cfg.phases.reconstruction.consistency and len(m.shape) != 3:
+        raise UserError(f"phases.reconstruction.consistency translates images, but samples of {storage.redact(cfg.data.path)} are "
+                        f"shaped {tuple(m.shape)}, not (channels, height, width): set it to 0")
     if row.label_tag and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != k:
         raise UserError(f"model.variant={cfg.model.variant}: prior.components={cfg.prior.components} must equal the {k} classes")
     if row.uses_labels(cfg.data.labeled_per_class) and k < m.num_classes:

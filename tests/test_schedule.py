@@ -97,3 +97,38 @@ def test_state_round_trip():
     d.load_state_dict(c.state_dict())
     assert d.step == 4 and d.skip == c.skip and torch.equal(d.buffer, c.buffer)
     assert names(d) == names(c)
+
+
+def test_translated_moves_each_image_by_its_own_whole_pixel_offset():
+    """The consistency option's augmentation: every image moves by an offset in [-2, 2] per axis, whole
+    pixels (values unchanged), offsets differ across the batch, and the same generator seed repeats them."""
+    from aae_dist.training.phases import translated
+
+    x = torch.zeros(64, 1, 12, 12)
+    x[:, 0, 5, 6] = 1.0
+    moved = translated(x, 2, torch.Generator().manual_seed(3))
+    where = [(m[0] == 1).nonzero().tolist() for m in moved]
+    assert all(len(w) == 1 for w in where) and set(moved.unique().tolist()) == {0.0, 1.0}
+    offsets = {(w[0][0] - 5, w[0][1] - 6) for w in where}
+    assert offsets <= {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)} and len(offsets) > 10
+    assert torch.equal(moved, translated(x, 2, torch.Generator().manual_seed(3)))
+
+
+def test_consistency_term_is_reported_and_bounded_by_zero():
+    """With phases.reconstruction.consistency > 0 on the clustering variant the reconstruction loss
+    carries a KL between y(x) and y(x shifted): non-negative, and zero when the shift cannot move
+    anything (an all-zero image batch gives identical inputs)."""
+    from aae_dist.models import AAE
+    from aae_dist.training.phases import StepContext
+
+    cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
+                             "model.latent_dim=2", "phases.reconstruction.consistency=2"])
+    aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
+    recon = build_phases(cfg)[0]
+    ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0))
+    x = torch.rand(16, 1, 8, 8)
+    _, stats = recon.loss(ctx, x, torch.zeros(16, dtype=torch.long))
+    assert stats["consistency"] > 0
+    aae.eval()  # no input noise or dropout: a blank image and its shifted copy are the same input
+    _, stats = recon.loss(ctx, torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
+    assert stats["consistency"].abs() < 1e-6

@@ -75,14 +75,33 @@ def _noisy(ctx: StepContext, z: torch.Tensor, std: float) -> torch.Tensor:
     return z + std * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=ctx.generator) if std else z
 
 
+def translated(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image (N, C, H, W) moved by its own whole-pixel offset in [-shift, shift] on each axis, zeros shifted in."""
+    n, _, h, w = x.shape
+    offsets = torch.randint(-shift, shift + 1, (n, 2), device=x.device, generator=generator).to(x.dtype)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h  # grid units: 2 / size per pixel
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
 # ---- losses (parameters bound by build_phases) -------------------------------------------------
 
-def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0):
-    """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart."""
+def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
+                        consistency: float = 0.0, shift: int = 2):
+    """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
+    consistency: the y of a translated copy of x learns the y of x (cluster membership should not move with the digit)."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
     loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
     stats = {"loss": loss.detach()}
     total = loss
+    if consistency:
+        moved = ctx.wrapped["encoder"](translated(x, shift, ctx.generator), generator=ctx.generator)
+        target = torch.softmax(codes.y_logits.detach().float(), 1)
+        kl_y = F.kl_div(F.log_softmax(moved.y_logits.float(), 1), target, reduction="batchmean")
+        total = total + consistency * kl_y
+        stats["consistency"] = kl_y.detach()
     if kl:  # negative ELBO per data dimension
         kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
         total = total + kl_term / x[0].numel()
@@ -161,8 +180,9 @@ def build_phases(cfg: Config) -> list[Phase]:
     warm = cfg.train.warmup_steps
     heads = row.decoder_input == "heads"
     recon = partial(reconstruction_loss, kl=m.regularizer == "kl", head_distance=m.cluster_head_distance,
-                    head_weight=m.cluster_head_weight if heads else 0.0)
-    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl"))]
+                    head_weight=m.cluster_head_weight if heads else 0.0, consistency=p.reconstruction.consistency,
+                    shift=p.reconstruction.consistency_shift)
+    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl", "consistency"))]
     if m.regularizer == "kl":
         return phases
     disc_stats = ("loss", "acc_prior", "acc_codes")
