@@ -70,6 +70,6 @@ def test_a_corrupt_shard_under_ray_ends_the_run_once(tmp_path, make_dataset):
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("aae-dist: error:") and "train-00000.x.npy" in last and "sha256" in last, last
+    assert last.startswith("aae-dist: error:") and "train-00000.x.npy" in last and "xxh3_64 check" in last, last
     assert "restarted" not in out and "Traceback" not in out, out[-3000:]
     assert len(out.splitlines()) <= 3, out[-3000:]  # the start line, the progress bar, the error
