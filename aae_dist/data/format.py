@@ -32,6 +32,7 @@ from ..errors import UserError
 FORMAT_NAME = "aae-dist-shards"
 FORMAT_VERSION = 3
 BLOCK_HASHES = {"sha256": lambda b: hashlib.sha256(b).hexdigest(), "xxh3_64": lambda b: xxhash.xxh3_64_hexdigest(b)}
+BLOCK_HASH = "xxh3_64"  # what the writer uses (format 3); manifests name theirs, format 2's being sha256
 BLOCK_BYTES = 1 << 20  # 1 MiB: ~70 bytes of manifest per MiB of data, at most 2 MiB read beyond a range
 MANIFEST = "manifest.json"
 LABEL_DTYPE = np.int64
@@ -185,7 +186,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def block_digests(data: bytes, block_bytes: int, block_hash: str = "xxh3_64") -> list[str]:
+def block_digests(data: bytes, block_bytes: int, block_hash: str = BLOCK_HASH) -> list[str]:
     digest, view = BLOCK_HASHES[block_hash], memoryview(data)
     return [digest(view[i : i + block_bytes]) for i in range(0, max(len(data), 1), block_bytes)]
 

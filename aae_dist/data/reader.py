@@ -278,7 +278,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         From object storage the range goes out as concurrent ranged requests of about
         `request_bytes`, each checked in its own thread as it arrives (hashing overlaps the
-        other downloads; sha256 releases the GIL).  A shorter or longer file fails the length
+        other downloads).  A shorter or longer file fails the length
         check of its last request, so no separate size request is needed."""
         bs = meta.block_bytes
         step = max(bs, self.request_bytes // bs * bs) if self._remote else hi - lo

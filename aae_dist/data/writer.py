@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import UserError
-from .format import BLOCK_BYTES, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, encode_npy, sha256
+from .format import BLOCK_BYTES, BLOCK_HASH, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, encode_npy, sha256
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -75,4 +75,4 @@ def _write_array(dest: str, file: str, arr: np.ndarray, block_bytes: int) -> Arr
     data, header = encode_npy(arr)
     storage.write_bytes_atomic(storage.join(dest, file), data)
     return ArrayFile(file=file, bytes=len(data), sha256=sha256(data), header=header, block_bytes=block_bytes,
-                     blocks=block_digests(data, block_bytes, "xxh3_64"), block_hash="xxh3_64")
+                     blocks=block_digests(data, block_bytes), block_hash=BLOCK_HASH)

@@ -121,18 +121,18 @@ class Trainer:
                         (loss * scale if scale != 1.0 else loss).backward()
                     self.coord.record(ph, stats)
                     self.coord.flag_nonfinite(ph, loss)
-                if self.average_every > 1 and not self._grads_finite(ph):
-                    self._skip_local_update(ph)
-                    continue
-                if self.nan_policy == "skip" and not self._grads_finite(ph):
-                    ph.optimizer.zero_grad(set_to_none=True)  # drop this update on every rank alike
+                if not self._grads_finite(ph):  # once per update, whatever the policy
+                    if self.average_every > 1:
+                        self._skip_local_update(ph)
+                        continue
+                    if self.nan_policy == "stop":
+                        self._stop_nonfinite(ph)
+                    ph.optimizer.zero_grad(set_to_none=True)  # nan_policy=skip: drop this update on every rank alike
                     self.coord.skipped_update()
                     if self.reporter:
                         self.reporter.warn(f"non-finite gradients in phase '{ph.name}' (first at step {self.coord.step}): such updates are "
                                            "skipped and counted in summary.json['skipped_updates']; lower that phase's lr if it recurs")
                     continue
-                if self.nan_policy == "stop" and not self._grads_finite(ph):
-                    self._stop_nonfinite(ph)
                 ph.optimizer.step()
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
