@@ -109,6 +109,11 @@ class ReconstructionPhaseConfig(PhaseConfig):
     consistency: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x shifted)), "
                                                        "the y of a randomly translated image learns the y of the image (0: off)")
     consistency_shift: int = Field(2, ge=1, description="largest translation in pixels, per sample and axis (consistency > 0)")
+    consistency_rotate: float = Field(0.0, ge=0, le=90, description="largest rotation in degrees, per sample (consistency > 0)")
+    consistency_scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out as a fraction, per sample (consistency > 0)")
+    vat: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x + r)), r the perturbation of "
+                                               "L2 norm vat_eps that changes y most (virtual adversarial training; 0: off)")
+    vat_eps: float = Field(2.0, gt=0, description="L2 norm of the adversarial perturbation, in pixel units of [0, 1] images (vat > 0)")
 
 
 class DiscriminatorPhaseConfig(PhaseConfig):

@@ -73,9 +73,10 @@ def preflight(cfg: Config) -> None:
     if row.needs_labels and not m.labels:
         raise UserError(f"model.variant={cfg.model.variant} needs labels, but {storage.redact(cfg.data.path)} has none: shard a labelled source")
     k = cfg.model.num_classes or m.num_classes
-    if cfg.phases.reconstruction.consistency and not row.categorical:
-        raise UserError(f"phases.reconstruction.consistency needs a variant with a categorical y (clustering, semi_supervised, "
-                        f"dim_reduction), not model.variant={cfg.model.variant}: set it to 0")
+    for option in ("consistency", "vat"):
+        if getattr(cfg.phases.reconstruction, option) and not row.categorical:
+            raise UserError(f"phases.reconstruction.{option} needs a variant with a categorical y (clustering, semi_supervised, "
+                            f"dim_reduction), not model.variant={cfg.model.variant}: set it to 0")
     if cfg.phases.reconstruction.consistency and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.consistency translates images, but samples of {storage.redact(cfg.data.path)} are "
                         f"shaped {tuple(m.shape)}, not (channels, height, width): set it to 0")

@@ -132,3 +132,56 @@ def test_consistency_term_is_reported_and_bounded_by_zero():
     aae.eval()  # no input noise or dropout: a blank image and its shifted copy are the same input
     _, stats = recon.loss(ctx, torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
     assert stats["consistency"].abs() < 1e-6
+
+
+def test_vat_perturbation_has_norm_eps_and_moves_y_more_than_noise():
+    """phases.reconstruction.vat: the power iteration's perturbation has L2 norm vat_eps per sample, moves y
+    further than random perturbations of the same norm, and leaves no gradient on the encoder's parameters."""
+    from aae_dist.models import AAE
+    from aae_dist.training.phases import StepContext, _kl_y, _per_sample_unit, adversarial_perturbation
+
+    cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[32]", "model.disc_hidden=[8]",
+                             "model.latent_dim=2", "phases.reconstruction.vat=1", "phases.reconstruction.vat_eps=0.5"])
+    torch.manual_seed(0)
+    aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
+    enc = aae.nets["encoder"]
+    enc.eval()  # deterministic encoder, so the KLs compare perturbations only
+    ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0))
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        target = torch.softmax(enc(x).y_logits, 1)
+    r = adversarial_perturbation(ctx, x, target, 0.5)
+    assert torch.allclose(r.flatten(1).norm(dim=1), torch.full((32,), 0.5), atol=1e-5)
+    assert all(p.grad is None for p in enc.parameters()) and all(p.requires_grad for p in enc.parameters())
+    with torch.no_grad():
+        adversarial = _kl_y(target, enc(x + r).y_logits)
+        noise = [_kl_y(target, enc(x + 0.5 * _per_sample_unit(torch.randn_like(x))).y_logits) for _ in range(5)]
+    assert adversarial > 3 * max(noise)
+    recon = build_phases(cfg)[0]
+    enc.train()
+    _, stats = recon.loss(ctx, x, torch.zeros(32, dtype=torch.long))
+    assert stats["vat"] > 0
+
+
+def test_translated_with_rotation_and_zoom_turns_each_image_its_own_way():
+    """consistency_rotate / consistency_scale: a bar turned by up to 30 degrees stays a bar of about the same ink
+    (bilinear), turns differently per image (its principal axis), and the same seed repeats the draw."""
+    from aae_dist.training.phases import translated
+
+    x = torch.zeros(32, 1, 21, 21)
+    x[:, 0, 4:17, 10] = 1.0  # a vertical bar through the centre
+    moved = translated(x, 1, torch.Generator().manual_seed(1), rotate=30.0, scale=0.1)
+    ink = moved.sum((1, 2, 3))
+    assert torch.all((ink > 0.7 * 13) & (ink < 1.3 * 13))
+    yy, xx = torch.meshgrid(torch.arange(21.0), torch.arange(21.0), indexing="ij")
+
+    def tilt(img):  # angle of the bar's principal axis from vertical, degrees
+        w = img[0] / img[0].sum()
+        my, mx = (w * yy).sum(), (w * xx).sum()
+        cyy, cxx, cxy = (w * (yy - my) ** 2).sum(), (w * (xx - mx) ** 2).sum(), (w * (yy - my) * (xx - mx)).sum()
+        return float(torch.rad2deg(0.5 * torch.atan2(2 * cxy, cyy - cxx)))
+
+    tilts = [tilt(m) for m in moved]
+    assert max(abs(t) for t in tilts) <= 32 and max(tilts) - min(tilts) > 20
+    assert torch.equal(moved, translated(x, 1, torch.Generator().manual_seed(1), rotate=30.0, scale=0.1))
+    assert abs(tilt(translated(x, 1, torch.Generator().manual_seed(1))[0])) < 1e-6  # no rotate: shifts only

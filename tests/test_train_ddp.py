@@ -80,7 +80,8 @@ def test_resume_on_a_different_world_size_repartitions_the_epoch(tmp_path, make_
 
 def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):
     """SGD with momentum and lr steps, input noise and dropout, batch norm in the encoder (y and z
-    outputs included), widths per network, a small init and the shift-consistency term on y: trains on 2 DDP workers, replicas identical
+    outputs included), widths per network, a small init, the shift/rotation-consistency and the adversarial-consistency (VAT) terms on y: trains on
+    2 DDP workers, replicas identical
     (batch-norm running statistics included), and exact resume still holds."""
     data, _, _ = make_dataset(1000, 100)
     recipe = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=5", "model.variant=semi_supervised",
@@ -89,7 +90,8 @@ def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):
                             "phases.reconstruction.optimizer=sgd", "phases.reconstruction.lr=0.01",
                             "phases.reconstruction.decay_epochs=[1]", "phases.generator.optimizer=sgd", "phases.generator.lr=0.1",
                             "phases.generator.momentum=0.1", "phases.classification.optimizer=sgd", "phases.classification.lr=0.1",
-                            "phases.reconstruction.consistency=1"]
+                            "phases.reconstruction.consistency=1", "phases.reconstruction.consistency_rotate=10",
+                            "phases.reconstruction.consistency_scale=0.1", "phases.reconstruction.vat=1"]
     run_processes(load_config(None, recipe + ["train.max_steps=14"]), str(tmp_path / "whole"), world=2)
     whole = read_summary(tmp_path / "whole")
     assert whole["steps"] == 14 and whole["replicas_in_sync"] and whole["metrics"]["recon_loss"] > 0

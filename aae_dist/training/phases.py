@@ -75,21 +75,47 @@ def _noisy(ctx: StepContext, z: torch.Tensor, std: float) -> torch.Tensor:
     return z + std * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=ctx.generator) if std else z
 
 
-def translated(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image (N, C, H, W) moved by its own whole-pixel offset in [-shift, shift] on each axis, zeros shifted in."""
+def translated(x: torch.Tensor, shift: int, generator: torch.Generator, rotate: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+    """Each image (N, C, H, W) moved by its own whole-pixel offset in [-shift, shift] on each axis, zeros shifted in;
+    with rotate (degrees) / scale (fraction) also turned and zoomed by its own uniform draw, bilinear."""
     n, _, h, w = x.shape
     offsets = torch.randint(-shift, shift + 1, (n, 2), device=x.device, generator=generator).to(x.dtype)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    if rotate or scale:
+        u = torch.rand(n, 2, device=x.device, generator=generator).to(x.dtype) * 2 - 1
+        angle, zoom = u[:, 0] * math.radians(rotate), 1.0 + u[:, 1] * scale
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
     theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h  # grid units: 2 / size per pixel
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    mode = "bilinear" if rotate or scale else "nearest"
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def _per_sample_unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _kl_y(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+
+
+def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """VAT's one power iteration, probed at the scale it is used (a tiny probe underflows in float32): the
+    perturbation of norm eps that moves y(x) most, found on the plain encoder with its
+    parameters frozen (no gradient reaches them, and DDP sees no extra backward)."""
+    d = eps * _per_sample_unit(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=ctx.generator))
+    d.requires_grad_(True)
+    with torch.enable_grad(), frozen(ctx.plain["encoder"]) as enc:
+        (grad,) = torch.autograd.grad(_kl_y(target, enc(x + d, generator=ctx.generator).y_logits), d)
+    return eps * _per_sample_unit(grad.detach())
 
 
 # ---- losses (parameters bound by build_phases) -------------------------------------------------
 
 def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
-                        consistency: float = 0.0, shift: int = 2):
+                        consistency: float = 0.0, shift: int = 2, rotate: float = 0.0, scale: float = 0.0, vat: float = 0.0, vat_eps: float = 2.0):
     """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
     consistency: the y of a translated copy of x learns the y of x (cluster membership should not move with the digit)."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
@@ -97,11 +123,17 @@ def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distan
     stats = {"loss": loss.detach()}
     total = loss
     if consistency:
-        moved = ctx.wrapped["encoder"](translated(x, shift, ctx.generator), generator=ctx.generator)
+        moved = ctx.wrapped["encoder"](translated(x, shift, ctx.generator, rotate, scale), generator=ctx.generator)
         target = torch.softmax(codes.y_logits.detach().float(), 1)
-        kl_y = F.kl_div(F.log_softmax(moved.y_logits.float(), 1), target, reduction="batchmean")
+        kl_y = _kl_y(target, moved.y_logits)
         total = total + consistency * kl_y
         stats["consistency"] = kl_y.detach()
+    if vat:
+        target = torch.softmax(codes.y_logits.detach().float(), 1)
+        r = adversarial_perturbation(ctx, x, target, vat_eps)
+        kl_v = _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
+        total = total + vat * kl_v
+        stats["vat"] = kl_v.detach()
     if kl:  # negative ELBO per data dimension
         kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
         total = total + kl_term / x[0].numel()
@@ -181,8 +213,9 @@ def build_phases(cfg: Config) -> list[Phase]:
     heads = row.decoder_input == "heads"
     recon = partial(reconstruction_loss, kl=m.regularizer == "kl", head_distance=m.cluster_head_distance,
                     head_weight=m.cluster_head_weight if heads else 0.0, consistency=p.reconstruction.consistency,
-                    shift=p.reconstruction.consistency_shift)
-    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl", "consistency"))]
+                    shift=p.reconstruction.consistency_shift, rotate=p.reconstruction.consistency_rotate,
+                    scale=p.reconstruction.consistency_scale, vat=p.reconstruction.vat, vat_eps=p.reconstruction.vat_eps)
+    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl", "consistency", "vat"))]
     if m.regularizer == "kl":
         return phases
     disc_stats = ("loss", "acc_prior", "acc_codes")

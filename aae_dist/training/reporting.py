@@ -42,7 +42,7 @@ class Reporter:
             return
         step, lg = coord.step, self.logger
         scalars = {f"loss/{k.split('/')[0]}": v for k, v in means.items() if k.endswith("/loss")}
-        scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl") or k.endswith("/consistency")})
+        scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl") or k.endswith("/consistency") or k.endswith("/vat")})
         for ph in self.phases:
             scalars[f"lr/{ph.name}"] = ph.optimizer.param_groups[0]["lr"]
             scalars[f"time/{ph.name}_ms_per_step"] = 1000 * phase_seconds[ph.name] / max(1, step - start_step)
