@@ -111,6 +111,8 @@ class ReconstructionPhaseConfig(PhaseConfig):
     consistency_shift: int = Field(2, ge=1, description="largest translation in pixels, per sample and axis (consistency > 0)")
     consistency_rotate: float = Field(0.0, ge=0, le=90, description="largest rotation in degrees, per sample (consistency > 0)")
     consistency_scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out as a fraction, per sample (consistency > 0)")
+    consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency and vat terms' target y(x) sees: "
+                                                          "the reconstruction's own noisy input, or x without input noise or dropout")
     vat: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x + r)), r the perturbation of "
                                                "L2 norm vat_eps that changes y most (virtual adversarial training; 0: off)")
     vat_eps: float = Field(2.0, gt=0, description="L2 norm of the adversarial perturbation, in pixel units of [0, 1] images (vat > 0)")

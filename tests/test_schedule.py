@@ -185,3 +185,22 @@ def test_translated_with_rotation_and_zoom_turns_each_image_its_own_way():
     assert max(abs(t) for t in tilts) <= 32 and max(tilts) - min(tilts) > 20
     assert torch.equal(moved, translated(x, 1, torch.Generator().manual_seed(1), rotate=30.0, scale=0.1))
     assert abs(tilt(translated(x, 1, torch.Generator().manual_seed(1))[0])) < 1e-6  # no rotate: shifts only
+
+
+def test_clean_consistency_target_skips_the_input_corruption_only():
+    """consistency_target=clean: y(x) is read without the encoder's input noise and dropout (still in training
+    mode), so it is the same on every call, while the corrupted reading differs call to call."""
+    from aae_dist.models import AAE
+    from aae_dist.training.phases import StepContext
+
+    cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
+                             "model.latent_dim=2", "model.input_noise=0.5", "model.input_dropout=0.2", "model.batch_norm=true",
+                             "phases.reconstruction.consistency=1", "phases.reconstruction.consistency_target=clean"])
+    aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
+    enc, g = aae.nets["encoder"], torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    assert enc.training
+    assert torch.equal(enc(x, generator=g, corrupt=False).y_logits, enc(x, generator=g, corrupt=False).y_logits)
+    assert not torch.equal(enc(x, generator=g).y_logits, enc(x, generator=g).y_logits)
+    _, stats = build_phases(cfg)[0].loss(StepContext(dict(aae.nets), aae, g), x, torch.zeros(16, dtype=torch.long))
+    assert stats["consistency"] > 0

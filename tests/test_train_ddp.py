@@ -91,7 +91,8 @@ def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):
                             "phases.reconstruction.decay_epochs=[1]", "phases.generator.optimizer=sgd", "phases.generator.lr=0.1",
                             "phases.generator.momentum=0.1", "phases.classification.optimizer=sgd", "phases.classification.lr=0.1",
                             "phases.reconstruction.consistency=1", "phases.reconstruction.consistency_rotate=10",
-                            "phases.reconstruction.consistency_scale=0.1", "phases.reconstruction.vat=1"]
+                            "phases.reconstruction.consistency_scale=0.1", "phases.reconstruction.vat=1",
+                            "phases.reconstruction.consistency_target=clean"]
     run_processes(load_config(None, recipe + ["train.max_steps=14"]), str(tmp_path / "whole"), world=2)
     whole = read_summary(tmp_path / "whole")
     assert whole["steps"] == 14 and whole["replicas_in_sync"] and whole["metrics"]["recon_loss"] > 0

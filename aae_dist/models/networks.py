@@ -79,8 +79,8 @@ class Encoder(nn.Module):
         # batch norm on the y and z outputs (the paper's clustering encoder): it keeps the y logits large enough for a sharp softmax
         self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Codes:
-        if self.training:  # input noise and dropout, training only, drawn from the step's generator (exact resume)
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, corrupt: bool = True) -> Codes:
+        if self.training and corrupt:  # input noise and dropout, training only, drawn from the step's generator (exact resume)
             if self.input_noise:
                 x = x + self.input_noise * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             if self.input_dropout:

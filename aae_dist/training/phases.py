@@ -115,21 +115,25 @@ def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Te
 # ---- losses (parameters bound by build_phases) -------------------------------------------------
 
 def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
-                        consistency: float = 0.0, shift: int = 2, rotate: float = 0.0, scale: float = 0.0, vat: float = 0.0, vat_eps: float = 2.0):
+                        consistency: float = 0.0, clean_target: bool = False, shift: int = 2, rotate: float = 0.0, scale: float = 0.0, vat: float = 0.0, vat_eps: float = 2.0):
     """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
     consistency: the y of a translated copy of x learns the y of x (cluster membership should not move with the digit)."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
     loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
     stats = {"loss": loss.detach()}
     total = loss
+    if consistency or vat:
+        if clean_target:
+            with torch.no_grad():
+                target = torch.softmax(ctx.plain["encoder"](x, generator=ctx.generator, corrupt=False).y_logits.float(), 1)
+        else:
+            target = torch.softmax(codes.y_logits.detach().float(), 1)
     if consistency:
         moved = ctx.wrapped["encoder"](translated(x, shift, ctx.generator, rotate, scale), generator=ctx.generator)
-        target = torch.softmax(codes.y_logits.detach().float(), 1)
         kl_y = _kl_y(target, moved.y_logits)
         total = total + consistency * kl_y
         stats["consistency"] = kl_y.detach()
     if vat:
-        target = torch.softmax(codes.y_logits.detach().float(), 1)
         r = adversarial_perturbation(ctx, x, target, vat_eps)
         kl_v = _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
         total = total + vat * kl_v
@@ -213,6 +217,7 @@ def build_phases(cfg: Config) -> list[Phase]:
     heads = row.decoder_input == "heads"
     recon = partial(reconstruction_loss, kl=m.regularizer == "kl", head_distance=m.cluster_head_distance,
                     head_weight=m.cluster_head_weight if heads else 0.0, consistency=p.reconstruction.consistency,
+                    clean_target=p.reconstruction.consistency_target == "clean",
                     shift=p.reconstruction.consistency_shift, rotate=p.reconstruction.consistency_rotate,
                     scale=p.reconstruction.consistency_scale, vat=p.reconstruction.vat, vat_eps=p.reconstruction.vat_eps)
     phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl", "consistency", "vat"))]
