@@ -115,9 +115,12 @@ def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Te
 # ---- losses (parameters bound by build_phases) -------------------------------------------------
 
 def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
-                        consistency: float = 0.0, clean_target: bool = False, shift: int = 2, rotate: float = 0.0, scale: float = 0.0, vat: float = 0.0, vat_eps: float = 2.0):
+                        consistency: float = 0.0, shift: int = 2, rotate: float = 0.0, scale: float = 0.0,
+                        vat: float = 0.0, vat_eps: float = 2.0, clean_target: bool = False):
     """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
-    consistency: the y of a translated copy of x learns the y of x (cluster membership should not move with the digit)."""
+    consistency: the y of a moved copy of x learns the y of x (cluster membership should not move with the digit);
+    vat: so does the y of x + the small perturbation that would move it most; clean_target: that y(x) is read
+    without the encoder's input noise and dropout."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
     loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
     stats = {"loss": loss.detach()}
