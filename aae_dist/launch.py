@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from . import storage, timeline
+from . import runfolder, storage, timeline
 from .config import Config, load_config, set_value
 from .errors import UserError
 from .console import ConsoleProgress, LocalBoard, Poller, ProgressBoard, final_table, start_line
@@ -41,8 +41,9 @@ def resolve(args) -> Config:
             set_value(run, flag, str(value), f"--{flag}")
     if getattr(args, "gpu", False):
         run.gpu = True
-    if not run.name:
+    if run.name is None or (run.name == "" and getattr(args, "name", None) is None):
         run.name = time.strftime("aae-%Y%m%d-%H%M%S")
+    runfolder.check_name(run.name, "--name" if getattr(args, "name", None) is not None else "run.name")
     return cfg
 
 
@@ -90,10 +91,11 @@ def preflight(cfg: Config) -> None:
 
 
 def run_exists(run_url: str) -> bool:
-    """A run exists once it has a checkpoint or a summary (a config.json alone is a start that failed)."""
+    """A run exists once it has a checkpoint or a summary (a config.json alone is a start that failed),
+    or while an --overwrite has it set aside."""
     from .checkpoint import PREFIX
 
-    return any(n.startswith(PREFIX) or n == "summary.json" for n in storage.listdir(run_url))
+    return any(n.startswith(PREFIX) or n in ("summary.json", runfolder.ASIDE) for n in storage.listdir(run_url))
 
 
 def check_resume(run_url: str, cfg: Config) -> None:
@@ -107,6 +109,18 @@ def check_resume(run_url: str, cfg: Config) -> None:
     checkpoint.check_architecture(meta, cfg.to_dict())
 
 
+def check_flags(cfg: Config, run_url: str, resume: bool, overwrite: bool) -> bool:
+    """Whether the run exists, refusing a start that --resume / --overwrite do not allow."""
+    exists = run_exists(run_url)
+    if resume and not exists:
+        raise UserError(f"--resume: no run named '{cfg.run.name}' at {storage.redact(cfg.run.storage)}: check --name/--storage or drop --resume")
+    if exists and not resume and not overwrite:
+        raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(cfg.run.storage)}: pass --resume to continue it or --overwrite to replace it")
+    if exists and overwrite and not resume:
+        runfolder.check_overwritable(run_url)
+    return exists
+
+
 def train_from_cli(args, started_at: float | None = None) -> int:
     started_at = time.time() if started_at is None else started_at
     timeline.reset()
@@ -118,13 +132,10 @@ def train_from_cli(args, started_at: float | None = None) -> int:
     if storage.is_local(storage_url):
         storage_url = os.path.abspath(storage_url)
         cfg.run.storage = storage_url
+    runfolder.check_storage(storage_url)
     run_url = storage.join(storage_url, cfg.run.name)
-    exists = run_exists(run_url)
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    if resume and not exists:
-        raise UserError(f"--resume: no run named '{cfg.run.name}' at {storage.redact(storage_url)}: check --name/--storage or drop --resume")
-    if exists and not resume and not overwrite:
-        raise UserError(f"run '{cfg.run.name}' already exists at {storage.redact(storage_url)}: pass --resume to continue it or --overwrite to replace it")
+    exists = check_flags(cfg, run_url, resume, overwrite)
     preflight(cfg)
     if resume:
         check_resume(run_url, cfg)
@@ -134,9 +145,33 @@ def train_from_cli(args, started_at: float | None = None) -> int:
     if getattr(args, "dry_run", False):
         print(plan(cfg, run_url, exists and not resume))
         return 0
+    lease = runfolder.Lease(run_url, cfg.run.name).acquire()  # one owner from here on
+    try:
+        return _train_holding_lease(cfg, run_url, resume, overwrite, started_at, verbose)
+    finally:
+        lease.release()
+
+
+def _train_holding_lease(cfg: Config, run_url: str, resume: bool, overwrite: bool, started_at: float, verbose: bool) -> int:
+    settled = runfolder.settle_aside(run_url)  # an earlier --overwrite that was killed
+    if settled:
+        print(f"aae-dist: an interrupted --overwrite of run '{cfg.run.name}' was settled: the {'new run was kept' if settled == 'replaced' else 'old run was put back'}",
+              file=sys.stderr)
+    exists = check_flags(cfg, run_url, resume, overwrite)  # again: another process may have run in between
+    if resume and settled:
+        check_resume(run_url, cfg)
+    runfolder.clear_temp_files(run_url)
     if exists and not resume:
-        storage.remove(run_url)  # --overwrite: only once every check has passed
+        runfolder.set_aside(run_url)  # --overwrite: put back if the new run fails before its first checkpoint
     timeline.mark("checked")
+    try:
+        return _start(cfg, run_url, started_at, verbose)
+    finally:
+        if exists and not resume:
+            runfolder.settle_aside(run_url)  # the old run goes once the new one has a checkpoint; else it is put back
+
+
+def _start(cfg: Config, run_url: str, started_at: float, verbose: bool) -> int:
     if cfg.run.uses_ray:
         connect_ray(cfg.run.address, verbose)
         timeline.mark("ray_started")

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 
-from . import storage
+from . import runfolder, storage
 from .config import Config, load_config
 from .errors import UserError
 from .launch import check_feasible, ensure_default_data, preflight, ray_storage, torch_trainer
@@ -220,7 +220,7 @@ def sweep_from_cli(args) -> int:
         raise UserError("--workers-per-trial must be at least 1: each trial is a Ray Train run")
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
-    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    name = runfolder.check_name(args.name) if args.name is not None else time.strftime("sweep-%Y%m%d-%H%M%S")
     root = args.storage or cfg.run.storage
     if storage.is_local(root):
         root = os.path.abspath(root)

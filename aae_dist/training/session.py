@@ -5,11 +5,10 @@ they differ in who the worker is and how metrics travel (Ray's `report` is a col
 from __future__ import annotations
 
 import contextlib
-import tempfile
 
 import torch
 
-from .. import checkpoint, storage
+from .. import checkpoint, storage, tempdirs
 from . import interrupt
 
 
@@ -90,7 +89,7 @@ def ray_node_id() -> str:
 
 
 def scratch_dir() -> str:
-    return tempfile.mkdtemp(prefix="aae-")
+    return tempdirs.make("aae-scratch-")
 
 
 class TuneSession(LocalSession):

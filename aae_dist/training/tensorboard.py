@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from .. import storage
+from .. import storage, tempdirs
 
 
 class TensorBoardLogger:
@@ -19,7 +18,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dest = storage.join(run_url, "tensorboard")
-        self.local = tempfile.mkdtemp(prefix="aae-tb-")
+        self.local = tempdirs.make("aae-tb-")
         if purge_step:  # resume: continue the curves where the checkpoint left them
             try:
                 storage.filesystem(self.dest)[0].get(storage.filesystem(self.dest)[1] + "/", self.local + "/", recursive=True)
@@ -52,9 +51,12 @@ class TensorBoardLogger:
         self.last_upload = time.monotonic()
 
     def close(self) -> None:
-        self.writer.close()
-        self.upload()
-        shutil.rmtree(self.local, ignore_errors=True)
+        """Also on a failed run: the curves up to the failure are what tell why it failed."""
+        try:
+            self.writer.close()
+            self.upload()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def flatten_config(d: dict, prefix: str = "") -> dict:
