@@ -20,7 +20,7 @@ def load_run(ref: str) -> tuple[Config, AAE]:
         raise UserError(f"checkpoint {storage.redact(ref)} has no config (written by an older aae-dist): re-train")
     cfg = Config.model_validate(meta["config"])
     aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]))
-    aae.load_state_dict(state["models"])
+    checkpoint.restore_part(aae, state, "models", ref)  # a network missing or misshapen: one line naming it
     return cfg, aae.eval()
 
 
@@ -74,15 +74,28 @@ def write_figures(ref: str, out: str, data: str | None = None, split: str = "tes
 
 # ---- sample ------------------------------------------------------------------------------------
 
+MAX_SAMPLE_GRID = 10_000  # a 100 x 100 grid: more is no longer a picture, and decoding it all at once needs its memory
+
+
+def check_out_file(out: str) -> None:
+    """--out names a file: an existing folder would be replaced by nothing and leave a temp file beside it."""
+    fs, path = storage.filesystem(out)
+    if str(out).endswith("/") or storage.with_retries("checking", out, lambda: fs.isdir(path)):
+        raise UserError(f"--out {storage.redact(out)} is a folder: give a file name, e.g. {storage.redact(storage.join(out, 'samples.png'))}")
+
+
 @torch.no_grad()
 def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolate: bool = False, seed: int = 0) -> str:
     from PIL import Image
 
     from .plots import image_grid
 
-    if n <= 0:
-        raise UserError(f"--n must be positive, got {n}")
+    if not 0 < n <= MAX_SAMPLE_GRID:
+        raise UserError(f"--n {n}: a grid holds 1 to at most {MAX_SAMPLE_GRID} samples (for many samples use aae-dist generate)")
+    check_out_file(out)
     model = load_model(ref)
+    if len(model.shape) != 3:
+        raise UserError(f"sample needs image data (C, H, W); this model's samples are {model.shape}")
     g = torch.Generator().manual_seed(seed)
     labels = None
     if label is not None:
@@ -96,8 +109,6 @@ def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolat
         if y is not None:
             y = y[:1].expand(n, -1) if labels is not None else (1 - t) * y[:1] + t * y[-1:]
     imgs = model.decode(z, y).float().numpy()
-    if len(model.shape) != 3:
-        raise UserError(f"sample needs image data (C, H, W); this model's samples are {model.shape}")
     grid = image_grid(model.displayable(imgs), cols=n if interpolate else int(np.ceil(np.sqrt(n))))
     arr = (grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     buf = io.BytesIO()
@@ -148,8 +159,17 @@ def encode(ref: str, data: str, out: str, splits: list[str] | None = None, worke
     model = load_model(ref)
     if tuple(manifest.shape) != model.shape:
         raise UserError(f"dataset {storage.redact(data)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
-    jobs = [(ref, data, s, i, out) for s in (splits or list(manifest.splits)) for i in range(len(manifest.split(s, data).shards))]
-    return sum(map_tasks(_encode_shard, jobs, workers, address))
+    names = splits or list(manifest.splits)
+    for s in names:  # every split checked before any is encoded
+        manifest.split(s, data)
+    return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out), workers, address))
+
+
+def encode_jobs(ref: str, data: str, manifest, splits: list[str] | None, out: str):
+    """One job per shard, made as the workers take them: a dataset of millions of shards is never a list."""
+    for s in splits or list(manifest.splits):
+        for i in range(len(manifest.splits[s].shards)):
+            yield (ref, data, s, i, out)
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -176,23 +196,28 @@ def _generate_chunk(job: tuple) -> dict:
 def generate(ref: str, n: int, out: str, shard_size: int = 10_000, seed: int = 0, workers: int = 0, address: str | None = None,
              overwrite: bool = False) -> int:
     from .data.format import MANIFEST, Manifest, Split
+    from .data.writer import prepare_destination
     from .parallel import map_tasks
 
     if n <= 0:
         raise UserError(f"--n must be positive, got {n}")
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
     load_model(ref)  # fail early on a bad reference
-    if storage.exists(storage.join(out, MANIFEST)):
-        if not overwrite:
-            raise UserError(f"a dataset already exists at {storage.redact(out)}: pass --overwrite to replace it")
-        storage.remove(storage.join(out, MANIFEST), recursive=False)
-    jobs = [(ref, out, i, min(shard_size, n - start), seed) for i, start in enumerate(range(0, n, shard_size))]
-    parts = map_tasks(_generate_chunk, jobs, workers, address)
+    prepare_destination(out, overwrite)
+    parts = map_tasks(_generate_chunk, generate_jobs(ref, n, out, shard_size, seed), workers, address)
     first = parts[0]
     manifest = Manifest(dtype=first["dtype"], shape=first["shape"], labels=first["labels"],
                         num_classes=first["num_classes"] if first["labels"] else 0,
                         splits={"train": Split(count=n, shards=[p["shard"] for p in parts])}, source=f"generated by {storage.redact(ref)}")
     storage.write_bytes_atomic(storage.join(out, MANIFEST), manifest.to_json().encode())
     return n
+
+
+def generate_jobs(ref: str, n: int, out: str, shard_size: int, seed: int):
+    """One job per shard, made as the workers take them: --n 10**12 is 10**8 jobs, far too many to hold as a list."""
+    for i, start in enumerate(range(0, n, shard_size)):
+        yield (ref, out, i, min(shard_size, n - start), seed)
 
 
 def to_json(metrics: dict) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -129,42 +131,142 @@ class Manifest:
     def from_json(cls, text: str, url: str = "") -> "Manifest":
         where = storage.redact(url)
         try:
-            doc = json.loads(text)
-            if doc.get("format") != FORMAT_NAME:
-                raise ValueError(f"'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-            if int(doc["version"]) > FORMAT_VERSION:
-                raise ValueError(f"format version {doc['version']} is newer than this aae-dist reads ({FORMAT_VERSION})")
-            splits = {}
-            for name, sp in doc["splits"].items():
-                shards = []
-                for s in sp["shards"]:
-                    shards.append(
-                        Shard(
-                            name=str(s["name"]),
-                            count=int(s["count"]),
-                            x=ArrayFile(**s["x"]),
-                            y=ArrayFile(**s["y"]) if s.get("y") else None,
-                        )
-                    )
-                for f in (a for s in shards for a in (s.x, s.y) if a is not None):
-                    if f.block_hash not in BLOCK_HASHES:
-                        raise ValueError(f"{f.file}: block_hash {f.block_hash!r} is not one of {', '.join(BLOCK_HASHES)}")
-                if sum(s.count for s in shards) != int(sp["count"]):
-                    raise ValueError(f"split '{name}' count {sp['count']} differs from the sum of its shards")
-                splits[name] = Split(count=int(sp["count"]), shards=shards)
-            np.dtype(doc["dtype"])
-            return cls(
-                dtype=str(doc["dtype"]),
-                shape=[int(d) for d in doc["shape"]],
-                labels=bool(doc["labels"]),
-                num_classes=int(doc["num_classes"]),
-                splits=splits,
-                source=str(doc.get("source", "")),
-                class_names=doc.get("class_names"),
-                version=int(doc["version"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            return _parse_manifest(json.loads(text))
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise UserError(f"invalid manifest {where}/{MANIFEST}: {type(exc).__name__}: {exc} (re-shard the dataset)") from None
+
+
+# ---- a manifest is untrusted input: every field is checked before any is used as a name, a size or a path -----
+
+SPLIT_NAME = re.compile(r"[a-z0-9_]+")
+SHARD_NUMBER = r"-[0-9]{5,}"  # the writer's `<split>-NNNNN`; its files are `<split>-NNNNN.x.npy` and `.y.npy`
+HEX = re.compile(r"[0-9a-f]+")
+HEX_LENGTH = {"sha256": 64, "xxh3_64": 16}
+SAMPLE_KINDS = "biuf"  # bool, integers, floats: no strings, objects or records
+MAX_SAMPLE_BYTES = 1 << 30  # one sample of at most 1 GiB
+MAX_FILE_BYTES = 1 << 40  # one shard file of at most 1 TiB
+
+
+def is_sha256(value) -> bool:
+    """A cache file is named after its sha256: only 64 hex digits may become a file name."""
+    return isinstance(value, str) and len(value) == 64 and HEX.fullmatch(value) is not None
+
+
+def _whole(value, what: str, low: int = 0, high: int | None = None) -> int:
+    """A JSON integer in [low, high]: floats (1e400 is inf), strings and booleans are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{what} is {value!r}: expected a whole number >= {low}{bound}")
+    return value
+
+
+def _hex(value, what: str, length: int) -> str:
+    if not isinstance(value, str) or len(value) != length or not HEX.fullmatch(value):
+        raise ValueError(f"{what} is {str(value)[:80]!r}: expected {length} lower-case hex digits")
+    return value
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _sample_dtype(value) -> np.dtype:
+    if not isinstance(value, str):
+        raise ValueError(f"'dtype' is {value!r}: expected a numpy type name such as 'uint8'")
+    dtype = np.dtype(value)
+    if dtype.kind not in SAMPLE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"'dtype' {value!r} is not a number type (bool, int, uint or float)")
+    return dtype
+
+
+def _sample_shape(value, dtype: np.dtype) -> list[int]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 8:
+        raise ValueError(f"'shape' is {str(value)[:80]}: expected a list of 1 to 8 sizes")
+    shape = [_whole(d, "a size in 'shape'", 1, MAX_SAMPLE_BYTES) for d in value]
+    if dtype.itemsize * math.prod(shape) > MAX_SAMPLE_BYTES:
+        raise ValueError(f"'shape' {shape} makes samples of {dtype.itemsize * math.prod(shape)} bytes, more than {MAX_SAMPLE_BYTES}")
+    return shape
+
+
+def _array_file(doc, shard: str, which: str, count: int, item_bytes: int) -> ArrayFile:
+    """One shard file's entry: its name is the writer's, its size follows from the count, its checksums are hex."""
+    where = f"shard {shard} {which}"
+    doc = _object(doc, f"'{which}' of shard {shard}")
+    unknown = set(doc) - set(ArrayFile.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+    if doc.get("file") != f"{shard}.{which}.npy":
+        raise ValueError(f"{where} 'file' is {str(doc.get('file'))[:80]!r}: expected '{shard}.{which}.npy', a file inside the dataset folder")
+    f = ArrayFile(file=doc["file"], bytes=_whole(doc["bytes"], f"{where} 'bytes'", 0, MAX_FILE_BYTES),
+                  sha256=_hex(doc["sha256"], f"{where} 'sha256'", 64), header=_whole(doc["header"], f"{where} 'header'", 0),
+                  block_bytes=_whole(doc.get("block_bytes", 0), f"{where} 'block_bytes'", 0), blocks=doc.get("blocks"),
+                  block_hash=doc.get("block_hash", "sha256"))
+    if f.header + count * item_bytes > f.bytes:  # not '!=': a file of another shape is named by the reader, which opens it
+        raise ValueError(f"{where} 'bytes' is {f.bytes}, fewer than a header of {f.header} and {count} samples of {item_bytes} bytes")
+    _check_blocks(f, where)
+    return f
+
+
+def _check_blocks(f: ArrayFile, where: str) -> None:
+    if f.block_hash not in BLOCK_HASHES:
+        raise ValueError(f"{f.file}: block_hash {f.block_hash!r} is not one of {', '.join(BLOCK_HASHES)}")
+    if f.blocks is None or f.blocks == []:
+        return  # format 1: the whole file's sha256 is checked
+    if not isinstance(f.blocks, list):
+        raise ValueError(f"{where} 'blocks' is not a list")
+    _whole(f.block_bytes, f"{where} 'block_bytes' (with 'blocks')", 1)
+    if len(f.blocks) != max(1, -(-f.bytes // f.block_bytes)):
+        raise ValueError(f"{where} 'blocks' has {len(f.blocks)} checksums, {f.bytes} bytes in blocks of {f.block_bytes} need "
+                         f"{max(1, -(-f.bytes // f.block_bytes))}")
+    for b in f.blocks:
+        _hex(b, f"{where} 'blocks' entry", HEX_LENGTH[f.block_hash])
+
+
+def _shard(doc, split: str, item_bytes: int) -> Shard:
+    doc = _object(doc, f"a shard of split '{split}'")
+    name = doc["name"]
+    if not isinstance(name, str) or not re.fullmatch(re.escape(split) + SHARD_NUMBER, name):
+        raise ValueError(f"shard 'name' {str(name)[:80]!r} in split '{split}' is not the writer's '{split}-NNNNN'")
+    count = _whole(doc["count"], f"'count' of shard {name}", 0)
+    y = _array_file(doc["y"], name, "y", count, np.dtype(LABEL_DTYPE).itemsize) if doc.get("y") else None
+    return Shard(name=name, count=count, x=_array_file(doc["x"], name, "x", count, item_bytes), y=y)
+
+
+def _split(name, doc, item_bytes: int) -> Split:
+    if not isinstance(name, str) or not SPLIT_NAME.fullmatch(name):
+        raise ValueError(f"split name {str(name)[:80]!r} is not lower-case letters, digits and '_'")
+    doc = _object(doc, f"split '{name}'")
+    if not isinstance(doc["shards"], list):
+        raise ValueError(f"'shards' of split '{name}' is not a list")
+    shards = [_shard(s, name, item_bytes) for s in doc["shards"]]
+    if len({s.name for s in shards}) != len(shards):
+        raise ValueError(f"split '{name}' lists a shard twice")
+    count = _whole(doc["count"], f"'count' of split '{name}'", 0)
+    if sum(s.count for s in shards) != count:
+        raise ValueError(f"split '{name}' count {count} differs from the sum of its shards")
+    return Split(count=count, shards=shards)
+
+
+def _parse_manifest(doc) -> Manifest:
+    doc = _object(doc, "the manifest")
+    if doc.get("format") != FORMAT_NAME:
+        raise ValueError(f"'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = _whole(doc["version"], "'version'", 1)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"format version {version} is newer than this aae-dist reads ({FORMAT_VERSION})")
+    dtype = _sample_dtype(doc["dtype"])
+    shape = _sample_shape(doc["shape"], dtype)
+    item_bytes = dtype.itemsize * math.prod(shape)
+    splits = {name: _split(name, sp, item_bytes) for name, sp in _object(doc["splits"], "'splits'").items()}
+    if not isinstance(doc["labels"], bool):
+        raise ValueError(f"'labels' is {doc['labels']!r}: expected true or false")
+    class_names = doc.get("class_names")
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
+        raise ValueError("'class_names' is not a list of strings")
+    return Manifest(dtype=str(doc["dtype"]), shape=shape, labels=doc["labels"], num_classes=_whole(doc["num_classes"], "'num_classes'", 0),
+                    splits=splits, source=str(doc.get("source", "")), class_names=class_names, version=version)
 
 
 def read_manifest(url: str) -> Manifest:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from .. import seeds
 
 from .. import storage
 from ..errors import UserError
-from .format import LABEL_DTYPE, Manifest, Shard, check_array, decode_npy, read_manifest
+from .format import LABEL_DTYPE, Manifest, Shard, check_array, decode_npy, is_sha256, read_manifest
 
 UNLABELED = -1
 
@@ -302,22 +304,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         return b"".join(f.result() for f in [self._pool.submit(fetch, p, q) for p, q in parts])
 
     def _fetch_whole(self, url: str, meta, verified_blocks: bool = False) -> bytes:
-        cached = os.path.join(self.cache_dir, meta.sha256 + ".npy") if self.cache_dir else None
-        if cached and os.path.exists(cached):
-            with open(cached, "rb") as fh:
-                return fh.read()
+        cached = self._cache_path(meta)
+        data = _read_cached(cached, url, meta) if cached else None
+        if data is not None:
+            return data
         data = self._fetch_blocks(url, meta, 0, meta.bytes) if verified_blocks else storage.read_bytes(url)
         if len(data) != meta.bytes:
             raise UserError(f"shard {storage.redact(url)} is {len(data)} bytes, manifest says {meta.bytes}: truncated or replaced (re-shard the dataset)")
         if not verified_blocks and hashlib.sha256(data).hexdigest() != meta.sha256:
             raise UserError(f"shard {storage.redact(url)} fails its sha256 check: corrupt or replaced (re-shard the dataset)")
         if cached:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{cached}.tmp{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, cached)
+            _write_cached(cached, data)
         return data
+
+    def _cache_path(self, meta) -> str | None:
+        """The cache file of a shard file: named after its (checked) sha256 only, so it stays inside data.cache_dir."""
+        if not self.cache_dir:
+            return None
+        if not is_sha256(meta.sha256):
+            raise UserError(f"shard {meta.file}: sha256 {str(meta.sha256)[:80]!r} is not 64 hex digits (re-shard the dataset)")
+        return os.path.join(self.cache_dir, meta.sha256 + ".npy")
 
     def labelled_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """All samples whose label is kept (the whole split is scanned; the same on every rank)."""
@@ -348,6 +354,63 @@ class ShardStream(torch.utils.data.IterableDataset):
             out[shard.name] = keep[offset : offset + shard.count]
             offset += shard.count
         return out
+
+
+# cache files checked in this process: a hit is read whole and checked (size, then the block checksums, or the
+# sha256 for format 1) the first time this process uses it, after which the same file is trusted
+_CACHE_CHECKED: set[str] = set()
+
+
+def _read_cached(path: str, url: str, meta) -> bytes | None:
+    """A cache hit's bytes, or None (a miss, or a bad copy: removed with one warning, so the caller fetches again)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    if path in _CACHE_CHECKED:
+        return data
+    problem = _cache_problem(data, url, meta)
+    if problem:
+        print(f"aae-dist: warning: cached copy {path} of {storage.redact(url)} {problem}: fetching it again", file=sys.stderr)
+        _remove_quietly(path)
+        return None
+    _CACHE_CHECKED.add(path)
+    return data
+
+
+def _cache_problem(data: bytes, url: str, meta) -> str | None:
+    if len(data) != meta.bytes:
+        return f"is {len(data)} bytes, the manifest says {meta.bytes}"
+    if not meta.blocks:
+        return None if hashlib.sha256(data).hexdigest() == meta.sha256 else "fails its sha256 check"
+    try:
+        meta.verify_blocks(data, 0, url)
+    except UserError:
+        return f"fails its {meta.block_hash} check"
+    return None
+
+
+def _write_cached(path: str, data: bytes) -> None:
+    """Write a checked shard file to the cache (temp file + rename: a reader never sees half of it)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise UserError(f"cannot write to data.cache_dir {os.path.dirname(path)}: {exc.strerror or exc} "
+                        "(free space there, point data.cache_dir at a writable folder, or unset it)") from None
+    _CACHE_CHECKED.add(path)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class _Slots:
@@ -388,7 +451,12 @@ class _Slots:
 
     def _grow(self, parts, need: int) -> None:
         cap = max(need, self.capacity, 2 * (len(self.bufs[0]) if self.bufs else 0))
-        bufs = tuple(np.empty((cap,) + p.shape[1:], p.dtype) for p in parts)
+        try:
+            bufs = tuple(np.empty((cap,) + p.shape[1:], p.dtype) for p in parts)
+        except (MemoryError, ValueError):
+            gib = cap * sum(p[:1].nbytes for p in parts) / 2**30
+            raise UserError(f"the shuffle buffer needs {cap} samples ({gib:.1f} GiB), more memory than there is: "
+                            "lower data.shuffle_buffer, or re-shard with a smaller --shard-size") from None
         k = len(self.live)
         if self.bufs is not None and k:
             for nb, ob in zip(bufs, self.bufs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,8 +114,10 @@ def parse_idx(data: bytes, url: str, ndim: int) -> np.ndarray:
     """Parse an IDX (unsigned byte) file: magic 0x0000 08 NN, then NN big-endian int32 sizes."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != ndim:
         raise UserError(f"IDX file {storage.redact(url)} has wrong magic number {data[:4].hex()} (expected 000008{ndim:02x}): not an MNIST-format file")
-    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4).astype(int)
-    expected = int(np.prod(dims))
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(f"IDX file {storage.redact(url)} ends inside its header: the file is truncated or corrupt")
+    dims = [int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4)]
+    expected = math.prod(dims) if min(dims) >= 0 else -1  # Python ints: no overflow on a crafted header
     body = data[4 + 4 * ndim :]
     if len(body) != expected:
         raise UserError(f"IDX file {storage.redact(url)} holds {len(body)} bytes of data, its header promises {expected}: the file is truncated or corrupt")
@@ -130,6 +133,8 @@ def load_mnist_idx(folder: str) -> SourceData:
         y = parse_idx(lbl, lbl_url, 1)
         if len(x) != len(y):
             raise UserError(f"IDX count mismatch in {storage.redact(folder)}: {img_name} has {len(x)} images, {lbl_name} has {len(y)} labels")
+        if len(x) == 0:
+            raise UserError(f"IDX file {storage.redact(img_url)} holds 0 samples: replace it with the full MNIST file")
         splits[split] = (x[:, None, :, :].copy(), y.astype(np.int64))
     num_classes = int(max(int(y.max()) for _, y in splits.values())) + 1
     return SourceData(splits, num_classes, f"mnist-idx:{storage.redact(folder)}")
@@ -147,21 +152,49 @@ def load_npz(url: str, test_fraction: float) -> SourceData:
         raise UserError(f"cannot read npz {storage.redact(url)}: {type(exc).__name__}: {exc}") from None
     if "x" not in arrays:
         raise UserError(f"npz {storage.redact(url)} has no array 'x' (it has: {', '.join(arrays)}): save samples as x and labels as y")
-    x, y = arrays["x"], arrays.get("y")
-    if x.ndim == 2:
-        x = x[:, None, :]  # (N, D) -> (N, 1, D): channel-first like images
-    elif x.ndim == 3:
-        x = x[:, None]
-    if y is not None and len(y) != len(x):
-        raise UserError(f"npz {storage.redact(url)}: x has {len(x)} samples, y has {len(y)}")
+    x = _npz_samples(arrays["x"], "x", url)
+    y = _npz_labels(arrays.get("y"), "y", len(x), url)
     if "x_test" in arrays:
-        xt, yt = arrays["x_test"], arrays.get("y_test")
-        xt = xt.reshape((len(xt),) + x.shape[1:])
-        splits = {"train": (x, None if y is None else y.astype(np.int64)), "test": (xt, None if yt is None else yt.astype(np.int64))}
+        xt = _npz_test_samples(arrays["x_test"], x, url)
+        splits = {"train": (x, y), "test": (xt, _npz_labels(arrays.get("y_test"), "y_test", len(xt), url))}
     else:
-        splits = holdout(x, None if y is None else y.astype(np.int64), test_fraction)
+        splits = holdout(x, y, test_fraction)
     num_classes = 0 if y is None else int(y.max()) + 1
     return SourceData(splits, num_classes, f"npz:{storage.redact(url)}")
+
+
+def _npz_samples(x: np.ndarray, key: str, url: str) -> np.ndarray:
+    """Samples as (N, C, ...): (N, D) becomes (N, 1, D) and (N, H, W) becomes (N, 1, H, W), like images."""
+    if x.ndim < 2:
+        raise UserError(f"npz {storage.redact(url)}: '{key}' is {x.ndim}-D {x.shape}: save one sample per row, shape (N, features...)")
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"npz {storage.redact(url)}: '{key}' holds {x.dtype}: save numbers (uint8, int or float)")
+    if len(x) == 0:
+        raise UserError(f"npz {storage.redact(url)}: '{key}' holds no samples: save the data as x")
+    if x.ndim == 2:
+        return x[:, None, :]
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _npz_test_samples(xt: np.ndarray, x: np.ndarray, url: str) -> np.ndarray:
+    """x_test in x's sample shape (the same values per sample may come flattened, e.g. (M, 784) beside (N, 28, 28))."""
+    per_sample = math.prod(x.shape[1:])
+    if xt.ndim < 1 or xt.size != len(xt) * per_sample:
+        raise UserError(f"npz {storage.redact(url)}: 'x_test' {xt.shape} does not hold samples of {per_sample} values like 'x' "
+                        f"{x.shape[1:]}: save both with one sample shape")
+    if xt.dtype.kind not in "biuf":
+        raise UserError(f"npz {storage.redact(url)}: 'x_test' holds {xt.dtype}: save numbers (uint8, int or float)")
+    return xt.reshape((len(xt),) + x.shape[1:])
+
+
+def _npz_labels(y: np.ndarray | None, key: str, n: int, url: str) -> np.ndarray | None:
+    if y is None:
+        return None
+    if y.ndim != 1 or len(y) != n or y.dtype.kind not in "biuf":
+        raise UserError(f"npz {storage.redact(url)}: '{key}' is {y.dtype} {y.shape}, expected {n} labels (shape ({n},), whole numbers)")
+    if n and y.min() < 0:
+        raise UserError(f"npz {storage.redact(url)}: '{key}' holds negative labels: number the classes from 0")
+    return y.astype(np.int64)
 
 
 # ---- image folders ---------------------------------------------------------------------------
