@@ -18,6 +18,8 @@ def cmd_shard(args) -> int:
     from .data.sources import load_source
     from .data.writer import write_dataset
 
+    if args.source.partition(":")[0] in ("parquet", "csv") and args.source.partition(":")[2]:
+        return shard_table_cli(args)
     src = load_source(args.source, image_size=args.image_size, channels=args.channels, test_fraction=args.test_fraction,
                       validation_size=args.validation_size)
     m = write_dataset(
@@ -32,6 +34,22 @@ def cmd_shard(args) -> int:
     )
     counts = ", ".join(f"{k}={v.count} in {len(v.shards)} shards" for k, v in m.splits.items())
     print(f"wrote {src.name} to {storage_redact(args.dest)}: {counts}; samples {m.dtype} {'x'.join(map(str, m.shape))}")
+    return 0
+
+
+def shard_table_cli(args) -> int:
+    """parquet:URL / csv:URL: a table, encoded column by column (data/tables.py)."""
+    from .data.tables import TableOptions, shard_table
+
+    names = lambda text: tuple(n.strip() for n in (text or "").split(",") if n.strip())  # noqa: E731
+    kind, _, url = args.source.partition(":")
+    opts = TableOptions(categorical=names(args.categorical), drop=names(args.drop), target=args.target,
+                        max_categories=args.max_categories, test_fraction=args.test_fraction)
+    m = shard_table(kind, url, args.dest, opts, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    counts = ", ".join(f"{k}={v.count} in {len(v.shards)} shards" for k, v in m.splits.items())
+    kinds = [c["kind"][:4] for c in m.table["columns"]]
+    print(f"wrote {m.source} to {storage_redact(args.dest)}: {counts}; {len(kinds)} columns ({kinds.count('cont')} continuous, "
+          f"{kinds.count('cate')} categorical) encoded as {m.shape[-1]} values per row")
     return 0
 
 
@@ -57,16 +75,40 @@ def cmd_sweep(args) -> int:
 def cmd_eval(args) -> int:
     from .inference import evaluate, to_json, write_figures
 
-    print(to_json(evaluate(args.ref, args.data, args.split)))
+    result = evaluate(args.ref, args.data, args.split)
+    table = table_eval(args)
+    print(to_json({**result, "table": table} if table else result))
     if args.plots:
         for path in write_figures(args.ref, args.plots, args.data, args.split):
             print(f"wrote {storage_redact(path)}", file=sys.stderr)
     return 0
 
 
+def table_eval(args) -> dict | None:
+    """A table run's report (quality, efficacy, privacy) beside the usual metrics; None for image runs."""
+    from .inference import load_run, run_data
+
+    cfg, model = load_run(args.ref)
+    if model.rows is None:
+        return None
+    from .tabular import evaluate_table
+
+    return evaluate_table(args.ref, run_data(cfg, args.data), args.split)
+
+
 def cmd_sample(args) -> int:
     from .inference import sample_grid
 
+    if args.out is None or args.rows:
+        from .tabular import sample_rows
+
+        print(sample_rows(args.ref, args.n if args.n != 64 else 10, seed=args.seed, label=args.label))
+        return 0
+    if args.label is not None:
+        try:
+            args.label = int(args.label)
+        except ValueError:
+            raise UserError(f"--label {args.label!r}: an image run's class is a whole number") from None
     print(storage_redact(sample_grid(args.ref, args.n, args.out, label=args.label, interpolate=args.interpolate, seed=args.seed)))
     return 0
 
@@ -82,6 +124,15 @@ def cmd_encode(args) -> int:
 def cmd_generate(args) -> int:
     from .inference import generate
 
+    if args.format:
+        from .tabular import generate_table
+
+        n = generate_table(args.ref, args.n, args.out, args.format, label=args.label, shard_size=args.shard_size, seed=args.seed,
+                           workers=args.workers, address=args.address, overwrite=args.overwrite)
+        print(f"generated {n} rows as {args.format} files in {storage_redact(args.out)}")
+        return 0
+    if args.label is not None:
+        raise UserError("--label on generate needs --format parquet|csv (a table run); image runs take --label on sample")
     n = generate(args.ref, args.n, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                  address=args.address, overwrite=args.overwrite)
     print(f"generated {n} samples as a dataset at {storage_redact(args.out)}")
@@ -115,12 +166,39 @@ def cmd_jobs(args) -> int:
     return jobs_command(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a Hydra-style `key.sub=value` gets the --set it needs as one line."""
+
+    def error(self, message: str):
+        hint = hydra_hint(message)
+        if hint:
+            raise UserError(hint)
+        super().error(message)
+
+
+def hydra_hint(message: str) -> str | None:
+    """For 'unrecognized arguments: train.epochs=3': how to say it (config keys are set with --set)."""
+    import re
+
+    if not message.startswith("unrecognized arguments: "):
+        return None
+    tokens = message.split(": ", 1)[1].split()
+    keys = [t for t in tokens if re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*=.*", t)]
+    if not keys:
+        return None
+    return (f"unrecognized arguments: {' '.join(tokens)}: config keys are set with --set KEY=VALUE, e.g. "
+            f"{' '.join('--set ' + k for k in keys)} (aae-dist config lists every key)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aae-dist", description="Distributed Adversarial Autoencoders on Ray Train")
+    from . import __version__
+
+    p = Parser(prog="aae-dist", description="Distributed Adversarial Autoencoders on Ray Train")
+    p.add_argument("--version", action="version", version=f"aae-dist {__version__}")
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("shard", help="write a dataset as shards + manifest.json to any fsspec URL")
-    s.add_argument("source", help="mnist-idx:DIR | npz:URL | images:DIR | digits")
+    s.add_argument("source", help="mnist-idx:DIR | npz:URL | images:DIR | digits | parquet:URL | csv:URL (URL: a file, folder or glob)")
     s.add_argument("dest", help="destination URL (path, file://, s3://, gs://, memory://)")
     s.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
@@ -130,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validation-size", type=int, default=0,
                    help="hold the last N training samples out as a 'validation' split (Parzen sigma is chosen there)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--categorical", metavar="COL,...", help="tables: read these columns as categories")
+    s.add_argument("--drop", metavar="COL,...", help="tables: leave these columns out")
+    s.add_argument("--target", metavar="COL", help="tables: this categorical column is also the label (supervised variants)")
+    s.add_argument("--max-categories", type=int, default=100, help="tables: most distinct values of a categorical column (default 100)")
     s.set_defaults(func=cmd_shard)
 
     v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, checksums, shape)")
@@ -146,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="a PNG grid of decoded prior samples")
     sm.add_argument("ref", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint_* folder")
     sm.add_argument("--n", type=int, default=64, help="samples in the grid (default 64)")
-    sm.add_argument("--out", required=True, help="PNG file (any fsspec URL)")
-    sm.add_argument("--label", type=int, help="fix the class (supervised, semi-supervised, label-regularised)")
+    sm.add_argument("--out", help="PNG file (any fsspec URL); table runs print rows instead")
+    sm.add_argument("--label", help="fix the class (supervised, semi-supervised, label-regularised); tables: a value of the target")
+    sm.add_argument("--rows", action="store_true", help="tables: print generated rows (the default without --out)")
     sm.add_argument("--interpolate", action="store_true", help="walk between two codes")
     sm.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     sm.set_defaults(func=cmd_sample)
@@ -170,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
     g.add_argument("--address", help="Ray cluster address")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    g.add_argument("--format", choices=["parquet", "csv"], help="tables: write rows as part-NNNNN.parquet|csv files in --out")
+    g.add_argument("--label", help="tables: every row of this target value (labelled variants)")
     g.set_defaults(func=cmd_generate)
 
     sb = sub.add_parser("submit", help="submit a run as a Ray job to a cluster")
@@ -184,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--command", dest="command_to_run", default="train", choices=["train", "sweep", "eval", "generate"],
                     help="what the job runs (sweep/eval/generate take their own arguments after --, e.g. -- --grid KEY=V1,V2)")
     sb.add_argument("--pip", action="store_true", help="install aae-dist's requirements in the job (clusters without it)")
+    sb.add_argument("--py-modules", dest="py_modules", action="append", default=[], metavar="PATH",
+                    help="ship your own Python module or package folder with the job (e.g. the networks model.encoder.class_path names)")
     sb.add_argument("--job-id", help="submission id to use")
     sb.add_argument("--dry-run", action="store_true", help="check the config and the cluster's job API, print what would be sent, submit nothing")
     sb.add_argument("extra", nargs="*", help="more arguments for the command, after --")
@@ -212,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of this name (deleted only once every check has passed)")
     t.add_argument("--dry-run", action="store_true", help="check everything, print the resolved config and the plan, write nothing")
     t.add_argument("--verbose", action="store_true", help="show Ray's own logs and the workers' output on the console")
+    t.add_argument("--fast-dev-run", action="store_true",
+                   help="smoke test: 3 steps, a tiny evaluation, in a throwaway folder; nothing kept but the printed summary")
     t.set_defaults(func=cmd_train)
 
     sw = sub.add_parser("sweep", help="many runs at once as Ray Tune trials (grid and/or sampled keys), ranked in a table and sweep.csv")
@@ -253,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started_at = time.time()  # start-up and wall time are measured from here
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:
+        print(f"aae-dist: error: {exc}", file=sys.stderr)
+        return 2
     args.started_at = started_at
     if not getattr(args, "func", None):
         parser.print_help()
@@ -261,11 +354,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"aae-dist: error: {exc}", file=sys.stderr)
+        print(f"aae-dist: error: {storage_redact(str(exc))}", file=sys.stderr)  # a last guard: no URL's user-info
         return 2
     except KeyboardInterrupt:
         print("aae-dist: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"aae-dist: error: {line}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """A full disk, a read-only or forbidden folder: the user's to fix, so one line and not a traceback
+    (checkpoints are written atomically: the last complete one is kept)."""
+    import errno
+
+    fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+             errno.EROFS: "choose a writable location", errno.EACCES: "choose a location you may write to",
+             errno.EPERM: "choose a location you may write to"}
+    if exc.errno not in fixes:
+        return None
+    where = f" ({storage_redact(exc.filename)})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}: {fixes[exc.errno]}; the last complete checkpoint is kept (continue with --resume)"
 
 
 if __name__ == "__main__":

@@ -11,12 +11,25 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
     if address in ("auto", "local"):
         return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
+    host, _, port = host_port(address).rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {exc} (check --address and that the head node is up)") from None
+        raise UserError(f"cannot reach the Ray cluster at {shown(address)}: {exc} (check --address and that the head node is up)") from None
+
+
+def host_port(address: str) -> str:
+    """HOST:PORT of [SCHEME://][USER:PASS@]HOST:PORT[/PATH]; a password may hold '/', so user-info ends at the last '@'."""
+    return address.split("://", 1)[-1].rpartition("@")[2].split("/", 1)[0]
+
+
+def shown(address: str) -> str:
+    """The address for a message: user-info (with or without a scheme) replaced by ***."""
+    from .storage import redact
+
+    if "://" not in address and "@" in address:
+        return "***@" + address.rpartition("@")[2]
+    return redact(address)
 
 
 def connect_ray(address: str | None, verbose: bool = False) -> None:

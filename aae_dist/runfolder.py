@@ -43,8 +43,10 @@ def is_run_file(name: str) -> bool:
 
 
 def check_storage(storage_url: str) -> None:
-    """A local --storage must be a folder we can write to; found before anything is written."""
+    """A local --storage must be a folder we can write to, an object store's bucket must exist: found
+    before anything is written (--dry-run included)."""
     if not storage.is_local(storage_url):
+        storage.check_bucket(storage_url)
         return
     path = storage.filesystem(storage_url)[1]
     probe = path

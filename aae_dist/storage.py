@@ -13,15 +13,24 @@ import fsspec
 from .errors import UserError
 
 T = TypeVar("T")
-_SECRET_IN_URL = re.compile(r"(//)([^/@:]+):([^/@]+)@")
+# A URL's user-info, whatever it holds (AWS secret keys hold '/' and '+'; a password may hold '@').  After
+# SCHEME:// it is either USER:SECRET@ (USER without '/', ':' or '@'; SECRET anything but whitespace and
+# quotes, up to the LAST '@' of that word) or, without a ':' first, everything up to the last '@' before
+# the first '/' (USER@, TOKEN@).  So s3://bucket/dir/with@at and s3://bucket/a:b@c hold none, while
+# http://host:8265/x@y reads as user-info: hiding too much of such a rare path is safe, too little is not.
+_URL_CHAR = r"[^\s'\"<>]"
+_USER_INFO = re.compile(rf"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s'\"<>/@:]+:{_URL_CHAR}*|[^\s'\"<>/]*)@")
+_REDACTED = "***"
 
 
 def redact(url: str) -> str:
-    """Drop user:password@ from a URL before it reaches a message or a log."""
-    return _SECRET_IN_URL.sub(r"\1***@", str(url))
+    """Replace every URL's user-info with *** before the text reaches a message, a log or a saved file."""
+    return _USER_INFO.sub(rf"\1{_REDACTED}@", str(url))
 
 
-_S3_CREDENTIALS = re.compile(r"^(s3a?)://([^/@:]+):([^/@]+)@(.*)$")
+# s3://KEY:SECRET@bucket/path: the secret ends at the first '@' followed by a bucket name and '/' or the
+# end (AWS secrets hold no '@', so s3://K:S@bucket/file@2x.png is bucket 'bucket', key 'file@2x.png').
+_S3_CREDENTIALS = re.compile(r"^(s3a?)://([^/@:\s]+):(.+?)@([A-Za-z0-9._-]+(?:/.*)?)$")
 
 
 # Retries happen in one place, with_retries below: counted (summary.json), logged, and tuned by
@@ -34,26 +43,56 @@ def _one_retry_policy(fs):
     return fs
 
 
+def scrub(text: str, *urls: str) -> str:
+    """redact(text), and also any piece of the urls' user-info that a library quoted on its own (urllib3
+    says "'admin:pa' is not a valid host" for http://admin:pa/ss@host: the password cut at its '/')."""
+    text = redact(text)
+    for url in urls:
+        for m in _USER_INFO.finditer(str(url)):
+            info = m.group(0)[len(m.group(1)):-1]
+            starts = [0] + [i + 1 for i, c in enumerate(info) if c in ":/@"]
+            ends = [i for i, c in enumerate(info) if c in ":/@"] + [len(info)]
+            for piece in sorted({info[a:b] for a in starts for b in ends if b - a >= 3}, key=len, reverse=True):
+                text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", _REDACTED, text)
+    return text
+
+
 def has_credentials(url: str) -> bool:
-    return _SECRET_IN_URL.search(str(url)) is not None
+    """Whether the text holds a URL with user-info (one already redacted does not count)."""
+    return any(m.group(0) != f"{m.group(1)}{_REDACTED}@" for m in _USER_INFO.finditer(str(url)))
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and path for URL; an unknown protocol is a user error.  s3://KEY:SECRET@bucket/...
     is accepted (s3fs alone would read 'KEY:SECRET@bucket' as the bucket): the credentials go to the
-    filesystem object, never into a path, a message or a log."""
-    creds = _S3_CREDENTIALS.match(str(url))
+    filesystem object, never into a path, a message or a log.  S3 filesystems never create a bucket."""
     try:
-        if creds:
-            proto, key, secret, rest = creds.groups()
-            return _one_retry_policy(fsspec.filesystem("s3", key=key, secret=secret, **_S3_OPTIONS)), rest.rstrip("/") or rest
-        s3 = str(url).split("://", 1)[0] in ("s3", "s3a")
-        fs, path = fsspec.core.url_to_fs(str(url), **(_S3_OPTIONS if s3 else {}))
-        if s3:
-            _one_retry_policy(fs)
+        if str(url).split("://", 1)[0] in ("s3", "s3a"):
+            fs, path = _s3_filesystem(str(url))
+        else:
+            fs, path = fsspec.core.url_to_fs(str(url))
     except (ImportError, ValueError) as exc:
-        raise UserError(f"cannot open storage URL {redact(url)}: {exc} (install the extra, e.g. pip install 'aae-dist[s3]')")
+        raise UserError(f"cannot open storage URL {redact(url)}: {scrub(str(exc), url)} (install the extra, e.g. pip install 'aae-dist[s3]')")
     return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def _s3_filesystem(url: str):
+    """s3fs's own filesystem would create a missing bucket on the first makedirs (see buckets.py)."""
+    from .buckets import ExistingBucketsOnly
+
+    creds = _S3_CREDENTIALS.match(url)
+    if creds:
+        _, key, secret, path = creds.groups()
+        return _one_retry_policy(ExistingBucketsOnly(key=key, secret=secret, **_S3_OPTIONS)), path
+    options = {**_S3_OPTIONS, **ExistingBucketsOnly._get_kwargs_from_urls(url)}
+    return _one_retry_policy(ExistingBucketsOnly(**options)), ExistingBucketsOnly._strip_protocol(url)
+
+
+def check_bucket(url: str) -> None:
+    """Refuse a missing bucket up front (e.g. in --dry-run), as the first write would; local paths pass."""
+    fs, path = filesystem(url)
+    if hasattr(fs, "require_bucket"):
+        with_retries("checking", url, lambda: fs.require_bucket(path.split("/", 1)[0]))
 
 
 def join(url: str, *parts: str) -> str:
@@ -161,11 +200,15 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             fs.makedirs(parent, exist_ok=True)
         if "file" in _protocols(fs):
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:  # a full disk or a failed rename leaves no temp file behind
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:
             fs.pipe_file(path, data)
 

@@ -29,7 +29,7 @@ def client(address: str):
 
     from .ray_connect import check_reachable
 
-    check_reachable(address if "://" not in address else address.split("://", 1)[1])
+    check_reachable(address)
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - turn Ray's many failure types into one line
@@ -37,8 +37,10 @@ def client(address: str):
 
 
 def explain(exc: BaseException, address: str) -> UserError:
-    text = " ".join(str(exc).split())
-    low = text.lower()
+    from .ray_connect import shown
+
+    text = storage.scrub(" ".join(str(exc).split()), address)
+    low, address = text.lower(), shown(address)
     if "token" in low or "unauthenticated" in low or "401" in low or "403" in low:
         return UserError(f"the Ray cluster at {address} refused the request: authentication token missing or wrong "
                          "(set RAY_AUTH_TOKEN to the cluster's token, see `ray get-auth-token` on the head)")
@@ -47,17 +49,50 @@ def explain(exc: BaseException, address: str) -> UserError:
 
 def refuse_credentials(args) -> None:
     """Ray keeps a job's command line, runtime environment and files in plain text (job table, dashboard,
-    logs): a URL with KEY:SECRET@ in it would be stored there, so it is refused, naming where it was."""
+    logs), and a redacted URL would reach the job broken: so any URL with user-info in what submit would
+    send or use is refused, naming the key and never the secret.  The typed flags are checked before the
+    config is even loaded, so no later message can quote them."""
+    for where, value in sent_values(args):
+        if isinstance(value, str) and storage.has_credentials(value):
+            raise UserError(credentials_message(where, value))
+
+
+def sent_values(args):
+    """(where, value) of every text submit sends or uses: --address, --storage, each --set, the arguments
+    after --, then every value of the resolved config (its YAML file included) of a train or sweep job."""
     from .config import load_config
 
-    places = [("--storage", getattr(args, "storage", None))] + [("an argument after --", a) for a in (args.extra or [])]
+    yield "--address", args.address
+    yield "--storage", getattr(args, "storage", None)
+    for item in args.overrides or []:
+        key, _, value = item.partition("=")
+        yield f"--set {key.strip()}", value
+    for a in args.extra or []:
+        yield "an argument after --", a
     if args.command_to_run in ("train", "sweep"):
-        places.append(("data.path", load_config(args.config, args.overrides).data.path))
-    for where, value in places:
-        if value and storage.has_credentials(str(value)):
-            raise UserError(f"{where} ({storage.redact(str(value))}) carries credentials in the URL, which Ray would store in plain text: "
-                            "give the cluster its credentials through its environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                            "on every node) and drop KEY:SECRET@ from the URL")
+        origin = f" (in {args.config})" if args.config else ""
+        for key, value in flat(load_config(args.config, args.overrides).to_dict()):
+            yield key + origin, value
+
+
+def flat(doc, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested config dict (list items as key[i])."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else None
+    if items is None:
+        yield prefix, doc
+        return
+    for k, v in items:
+        yield from flat(v, f"{prefix}[{k}]" if isinstance(doc, list) else f"{prefix}.{k}" if prefix else str(k))
+
+
+def credentials_message(where: str, value: str) -> str:
+    if where == "--address":
+        fix = ("give the job API its token through the environment variable RAY_AUTH_TOKEN (see `ray get-auth-token` on the head) "
+               "and drop USER:PASS@ from --address")
+    else:
+        fix = ("give the cluster its credentials through its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the nodes' "
+               "environment or the job's runtime env, or the nodes' IAM role) and drop KEY:SECRET@ from the URL")
+    return f"{where} ({storage.redact(value)}) carries credentials in the URL, which submit never sends (Ray keeps jobs in plain text): {fix}"
 
 
 def job_folder(args) -> str:
@@ -70,24 +105,70 @@ def job_folder(args) -> str:
     if args.command_to_run in ("train", "sweep"):
         cfg = load_config(args.config, args.overrides)
         if cfg.data.path and storage.is_local(cfg.data.path):
-            raise UserError(f"data.path {cfg.data.path} is a local path the cluster's workers cannot read: shard the data to "
+            raise UserError(f"data.path {storage.redact(cfg.data.path)} is a local path the cluster's workers cannot read: shard the data to "
                             "storage every node reaches (aae-dist shard SOURCE s3://BUCKET/NAME) and pass that URL")
         with open(os.path.join(folder, JOB_CONFIG), "w") as fh:
             yaml.safe_dump(cfg.to_dict(redact=True), fh, sort_keys=False)
     return folder
 
 
-def runtime_env(pip: bool, folder: str) -> dict:
+def runtime_env(pip: bool, folder: str, py_modules=()) -> dict:
     env: dict = {
         "working_dir": folder,
-        "py_modules": [PACKAGE_DIR],
+        "py_modules": [PACKAGE_DIR, *(user_module(m) for m in py_modules)],
         "excludes": ["**/__pycache__"],
         "env_vars": {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
     }
     if pip:
-        env["pip"] = ["ray[train,default]>=2.50", "fsspec>=2024.2", "s3fs>=2024.2", "tensorboard>=2.15", "pyyaml>=6",
-                      "pydantic>=2.5", "tqdm>=4.60", "pillow>=10", "pyarrow>=14", "mlxtend>=0.23"]
+        env["pip"] = requirements()
     return env
+
+
+def user_module(path: str) -> str:
+    """A --py-modules entry: a package folder or a single .py file that Ray uploads with the job."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not (os.path.isdir(full) or (os.path.isfile(full) and full.endswith(".py"))):
+        raise UserError(f"--py-modules {path}: no such package folder or .py file: give the folder of the module your "
+                        "model.*.class_path names (e.g. --py-modules ./mynets)")
+    return full
+
+
+def requirements() -> list[str]:
+    """What --pip installs: aae-dist's own requirements (with the s3 extra, as clusters read object storage), read
+    from the package's metadata, or from the pyproject.toml of the checkout being shipped; never a hand-kept list."""
+    reqs = _checkout_requirements()
+    if reqs is None:
+        from importlib import metadata
+
+        try:
+            reqs = metadata.requires("aae-dist") or []
+        except metadata.PackageNotFoundError:
+            raise UserError("--pip: aae-dist is not installed here, so its requirements are unknown: pip install aae-dist "
+                            "(or pip install -e . in the checkout) first") from None
+    out = []
+    for r in reqs:
+        req, _, marker = (part.strip() for part in r.partition(";"))
+        if "extra" not in marker:
+            out.append(r.strip())
+        elif marker.replace("'", '"').replace(" ", "") == 'extra=="s3"':
+            out.append(req)
+    return list(dict.fromkeys(out))
+
+
+def _checkout_requirements() -> list[str] | None:
+    """The dependencies (and s3 extra) of pyproject.toml beside the shipped package, when it is a checkout:
+    the installed metadata of an editable install is as old as its last `pip install`."""
+    path = os.path.join(os.path.dirname(PACKAGE_DIR), "pyproject.toml")
+    try:
+        import tomllib
+
+        with open(path, "rb") as fh:
+            project = tomllib.load(fh).get("project", {})
+    except (ImportError, OSError, ValueError):
+        return None
+    if project.get("name") != "aae-dist":
+        return None
+    return list(project.get("dependencies", [])) + [f"{r}; extra == \"s3\"" for r in project.get("optional-dependencies", {}).get("s3", [])]
 
 
 def train_entrypoint(args) -> str:
@@ -108,7 +189,10 @@ def train_entrypoint(args) -> str:
 
 def submit(args) -> int:
     from .config import RunSection, set_value
+    from .runfolder import check_name
 
+    if args.name is not None:
+        check_name(args.name)
     if args.command_to_run == "train" and args.workers:
         run = RunSection()
         set_value(run, "workers", str(args.workers), "--workers")
@@ -120,12 +204,12 @@ def submit(args) -> int:
     if getattr(args, "dry_run", False):
         from .ray_connect import check_reachable
 
-        check_reachable(args.address if "://" not in args.address else args.address.split("://", 1)[1])
-        print(plan(entry, runtime_env(args.pip, folder)))
+        check_reachable(args.address)
+        print(plan(entry, runtime_env(args.pip, folder, getattr(args, "py_modules", []))))
         return 0
     c = client(args.address)
     try:
-        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder), submission_id=args.job_id)
+        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder, getattr(args, "py_modules", [])), submission_id=args.job_id)
     except Exception as exc:  # noqa: BLE001
         raise explain(exc, args.address) from None
     print(job_id, flush=True)
