@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -20,7 +21,10 @@ from .config import ModelConfig
 from .errors import UserError
 
 STATE, META = "state.pt", "meta.json"
+METRICS = "metrics.json"  # what the trainer reported at this checkpoint: ranks checkpoints for train.keep_best
 PREFIX = "checkpoint_"
+STEP_FOLDER = re.compile(r"checkpoint_step_(\d{9,})")  # the step is the folder's name, never what meta.json claims
+_ORIGIN: dict[str, str] = {}  # a fetched local copy -> the URL it came from, so messages name the original
 
 
 class Stateful(Protocol):
@@ -36,15 +40,46 @@ class Checkpointer:
     def __init__(self, parts: dict[str, Stateful], meta: dict):
         self.parts, self.meta = parts, meta
 
+    def state(self, names=None) -> dict:
+        """The parts' states (all, or those named)."""
+        return {name: part.state_dict() for name, part in self.parts.items() if names is None or name in names}
+
     def save(self, folder: str, step: int, final: bool = False, **where) -> None:
-        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state = self.state()
         write_local(folder, state, {"format": 1, "step": step, "final": final, **where, **self.meta})
 
     def restore(self, folder: str, model_cfg: ModelConfig) -> dict:
         state, meta = read_local(folder, model_cfg)
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            restore_part(part, state, name, origin(folder))
         return meta
+
+
+def restore_part(part: Stateful, state: dict, name: str, where: str) -> None:
+    """Load one named part of a checkpoint's state; a missing or misshapen one is a UserError naming it."""
+    shown = _state_file(where)
+    if not isinstance(state.get(name), dict):
+        raise UserError(f"{shown} has no '{name}' entry (it holds {sorted(map(str, state))}): it was altered or not written by "
+                        "aae-dist; delete this checkpoint folder to resume from an earlier one")
+    try:
+        part.load_state_dict(state[name])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{shown}: its '{name}' do not fit this run ({type(exc).__name__}: {detail}): it was altered or is from "
+                        "another model; delete this checkpoint folder to resume from an earlier one") from None
+
+
+def all_finite(state) -> bool:
+    """Every floating-point tensor in a (nested) state holds only finite numbers."""
+    import torch
+
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    if torch.is_tensor(state) and state.is_floating_point():
+        return bool(torch.isfinite(state).all())
+    return True
 
 
 def architecture(cfg) -> dict:
@@ -52,6 +87,43 @@ def architecture(cfg) -> dict:
     if isinstance(cfg, dict):
         cfg = ModelConfig.model_validate(cfg["model"])
     return cfg.architecture()
+
+
+def _state_file(where: str) -> str:
+    """How a message names the state.pt of a checkpoint folder, or of a run folder's latest checkpoint."""
+    last = str(where).rstrip("/").rsplit("/", 1)[-1]
+    if last.startswith(PREFIX):
+        return storage.redact(storage.join(where, STATE))
+    return f"the latest checkpoint's {STATE} in {storage.redact(where)}"
+
+
+def origin(folder: str) -> str:
+    """Where a local checkpoint folder came from: the URL `fetch` copied it from, or itself."""
+    return _ORIGIN.get(folder, folder)
+
+
+def folder_step(url: str) -> int | None:
+    """The step in a folder name `checkpoint_step_NNNNNNNNN`, or None for any other name."""
+    m = STEP_FOLDER.fullmatch(str(url).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def check_meta(meta, where: str) -> dict:
+    """meta.json is untrusted input: a JSON object with a non-negative integer step, the same as the folder's name."""
+    shown = storage.redact(storage.join(where, META))
+    if not isinstance(meta, dict):
+        raise UserError(f"{shown} holds a JSON {type(meta).__name__}, not an aae-dist checkpoint's object: point at a run folder or "
+                        "checkpoint folder written by aae-dist")
+    step = meta.get("step")
+    if type(step) is not int or step < 0:
+        raise UserError(f"{shown} has no valid step (got {str(step)[:40]!r}): the checkpoint was altered; delete it")
+    if not isinstance(meta.get("architecture", {}), dict) or not isinstance(meta.get("config", {}), dict):
+        raise UserError(f"{shown}: 'architecture' and 'config' must be JSON objects: the checkpoint was altered; delete it")
+    named = folder_step(where)
+    if named is not None and named != step:
+        raise UserError(f"{shown} says step {step} but its folder is step {named}: the checkpoint was altered; delete it or "
+                        "pass another checkpoint folder")
+    return meta
 
 
 def check_architecture(meta: dict, cfg) -> None:
@@ -72,59 +144,115 @@ def write_local(folder: str, state: dict, meta: dict) -> None:
 
 def read_local(folder: str, cfg=None) -> tuple[dict, dict]:
     """(state, meta) of a local checkpoint folder; with `cfg` (ModelConfig or config dict), refuse one it does not fit."""
-    meta_path, state_path = os.path.join(folder, META), os.path.join(folder, STATE)
+    where = origin(folder)
     try:
-        with open(meta_path) as fh:
+        with open(os.path.join(folder, META), encoding="utf-8") as fh:
             meta = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{folder} is not an aae-dist checkpoint ({META}: {exc}): point at a run folder or checkpoint folder") from None
+        raise UserError(f"{storage.redact(where)} is not an aae-dist checkpoint ({META}: {' '.join(str(exc).split())[:200]}): point at a "
+                        "run folder or checkpoint folder") from None
+    check_meta(meta, where)
     if cfg is not None:
         check_architecture(meta, cfg)
+    shown = storage.redact(storage.join(where, STATE))
     try:
         import torch
 
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refuse anything that is not a plain tensor checkpoint
-        raise UserError(f"{state_path} is not a valid checkpoint (refused without unpickling code: {type(exc).__name__}): delete it to resume from an earlier one") from None
+        raise UserError(f"{shown} is not a valid checkpoint (refused without unpickling code: {type(exc).__name__}): delete it to resume from an earlier one") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{shown} holds a {type(state).__name__}, not a checkpoint's parts: delete it to resume from an earlier one")
     return state, meta
 
 
 # ---- checkpoints in a run folder ----------------------------------------------------------------
 
-def persist(local_folder: str, run_url: str, step: int, keep: int) -> str:
-    """Copy a checkpoint folder into the run folder, meta.json last, then prune old ones."""
+def persist(local_folder: str, run_url: str, step: int, keep: int, metrics: dict | None = None, best: tuple[str, str] | None = None) -> str:
+    """Copy a checkpoint folder into the run folder (its metrics.json first, meta.json last), then prune:
+    the newest `keep` stay and, with best=(METRIC, min|max), the best by that metric too."""
     dest = storage.join(run_url, f"{PREFIX}step_{step:09d}")
+    if metrics is not None:
+        storage.write_bytes_atomic(storage.join(dest, METRICS), json.dumps(finite_scalars(metrics)).encode())
     for name in (STATE, META):
         with open(os.path.join(local_folder, name), "rb") as fh:
             storage.write_bytes_atomic(storage.join(dest, name), fh.read())
-    completed = sorted(listing(run_url))
-    for _, old in completed[:-keep]:
-        storage.remove(old)
+    prune(run_url, keep, best)
     return dest
 
 
+def prune(run_url: str, keep: int, best: tuple[str, str] | None = None) -> None:
+    """Remove complete checkpoints but the newest `keep` and the best by best=(METRIC, min|max)."""
+    completed = listing(run_url)
+    kept = {url for _, url in completed[-keep:]}
+    if best and best[0]:
+        winner = best_in(completed, *best)
+        if winner:
+            kept.add(winner)
+    for _, url in completed:
+        if url not in kept:
+            storage.remove(url)
+
+
+def best_in(found: list[tuple[int, str]], metric: str, mode: str = "min") -> str | None:
+    """The checkpoint whose metrics.json holds the best finite `metric` (ties: the newest); None if none has it."""
+    scored = []
+    for step, url in found:
+        value = saved_metrics(url).get(metric)
+        if value is not None:
+            scored.append((value if mode == "max" else -value, step, url))
+    return max(scored)[2] if scored else None
+
+
+def saved_metrics(url: str) -> dict[str, float]:
+    """A checkpoint's metrics.json (untrusted: anything but finite numbers is dropped; missing or unreadable: {})."""
+    try:
+        raw = json.loads(storage.read_bytes(storage.join(url, METRICS)))
+    except (OSError, ValueError, UserError):
+        return {}
+    return finite_scalars(raw) if isinstance(raw, dict) else {}
+
+
+def finite_scalars(metrics: dict) -> dict[str, float]:
+    """The finite int/float values of a metrics dict (booleans, text, nested values and nan/inf dropped)."""
+    import math
+
+    return {str(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def listing(run_url: str) -> list[tuple[int, str]]:
-    """(step, url) of every complete checkpoint folder in a run folder, Ray's or ours."""
+    """(step, url) of every complete checkpoint folder in a run folder.  The step is the folder's name; a
+    folder whose meta.json is not an object claiming that same step is skipped, so an altered meta.json
+    can neither pose as the newest checkpoint nor make pruning delete the real newest."""
     out = []
     for name in storage.listdir(run_url):
-        if not name.startswith(PREFIX):
+        step = folder_step(name)
+        if step is None:
             continue
         url = storage.join(run_url, name)
         meta_url = storage.join(url, META)
         if storage.exists(meta_url) and storage.exists(storage.join(url, STATE)):
             try:
-                out.append((int(json.loads(storage.read_bytes(meta_url))["step"]), url))
-            except (ValueError, KeyError):
+                meta = json.loads(storage.read_bytes(meta_url))
+            except ValueError:
                 continue
+            if isinstance(meta, dict) and type(meta.get("step")) is int and meta["step"] == step:
+                out.append((step, url))
     return sorted(out)
 
 
 def fetch(url: str) -> str:
     """A local copy of a checkpoint folder (a temp dir the caller removes)."""
     tmp = tempfile.mkdtemp(prefix="aae-ckpt-")
-    for name in (STATE, META):
-        with open(os.path.join(tmp, name), "wb") as fh:
-            fh.write(storage.read_bytes(storage.join(url, name)))
+    _ORIGIN[tmp] = url
+    try:
+        for name in (STATE, META):
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(storage.read_bytes(storage.join(url, name)))
+    except BaseException:
+        remove_local(tmp)
+        raise
     return tmp
 
 
@@ -147,10 +275,43 @@ def load(ref: str) -> tuple[dict, dict]:
     """(state, meta) of a run's latest checkpoint or of a checkpoint folder, at any URL."""
     local = fetch(resolve(ref))
     try:
-        return read_local(local)
+        state, meta = read_local(local)
+        restore_part(_Check(), state, "models", origin(local))
+        check_saved_config(meta, origin(local))
+        return state, meta
     finally:
         remove_local(local)
 
 
+class _Check:
+    """A stand-in part for `load`: the models entry must map network names to their tensors."""
+
+    def load_state_dict(self, state: dict) -> None:
+        for net, tensors in state.items():
+            if not isinstance(tensors, dict):
+                raise TypeError(f"network {net!r} holds a {type(tensors).__name__}, not its tensors")
+
+
+def check_saved_config(meta: dict, where: str) -> None:
+    """The config and data description saved with a run's checkpoint, as `inference.load_run` reads them."""
+    from pydantic import ValidationError
+
+    from .config import Config
+
+    if "config" not in meta:
+        return
+    shown = storage.redact(storage.join(where, META))
+    missing = [k for k in ("shape", "dtype", "num_classes") if k not in meta]
+    if missing:
+        raise UserError(f"{shown} lacks {', '.join(missing)}: the checkpoint was altered; delete it")
+    try:
+        Config.model_validate(meta["config"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"{shown}: its saved config is invalid at '{'.'.join(map(str, err['loc']))}' ({err['msg']}): the checkpoint "
+                        "was altered or written with values aae-dist now refuses; retrain") from None
+
+
 def remove_local(folder: str) -> None:
+    _ORIGIN.pop(folder, None)
     shutil.rmtree(folder, ignore_errors=True)

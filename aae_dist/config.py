@@ -4,7 +4,7 @@ Unknown keys and wrong types are refused here, before any worker starts."""
 
 from __future__ import annotations
 
-from typing import Union, Literal, Optional
+from typing import Annotated, Any, Union, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -14,23 +14,63 @@ from .variants import NAMES as VARIANTS
 
 PosInt = Field(gt=0)
 
+# Upper bounds no real run needs: far beyond them a value is a typo (an extra digit, a unit) that would
+# otherwise end in an overflow or an out-of-memory traceback deep in torch or numpy.
+MAX_WIDTH = 65536        # units of one hidden layer (the paper's widest: 3000)
+MAX_LAYERS = 64          # hidden layers of one network
+MAX_CHANNELS = 4096      # channels of one conv layer
+MAX_LATENT = 4096        # dimensions of z, of the universal approximator's noise
+MAX_CLASSES = 10_000     # categories of y / prior components
+MAX_STEPS = 10**12       # any count of steps or epochs
+MAX_SAMPLES = 1 << 30    # any count of samples (batch, shuffle buffer, labelled subset, Parzen samples)
+MAX_SCALE = 1e30         # learning rates and loss weights (Adam overflows float32 a little above 1e38)
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 100_000     # torch and numpy take non-negative seeds up to 64 bits
+
+
+def layer_sizes(values, limit: int, what: str):
+    """Hidden layer lists: one or more positive sizes, each at most `limit`, at most MAX_LAYERS of them."""
+    if values is None:
+        return values
+    if not values or any(int(h) <= 0 for h in values):
+        raise ValueError("needs one or more positive layer sizes")
+    if len(values) > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} layers, got {len(values)}")
+    if max(values) > limit:
+        raise ValueError(f"{what} of at most {limit} each, got {max(values)}")
+    return values
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every section: unknown keys refused, assignments checked, and no float may be inf or nan."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
     path: str = Field("", description="dataset URL; empty = the embedded digits, sharded on first use")
-    batch_size: int = Field(100, gt=0, description="per worker")
-    shuffle_buffer: int = Field(16384, ge=0, description="samples shuffled together in a rank's buffer (0: shard order only)")
-    prefetch: int = Field(2, ge=0, description="shards fetched ahead in background threads")
+    batch_size: int = Field(100, gt=0, le=MAX_SAMPLES, description="per worker")
+    shuffle_buffer: int = Field(16384, ge=0, le=MAX_SAMPLES, description="samples shuffled together in a rank's buffer (0: shard order only)")
+    prefetch: int = Field(2, ge=0, le=64, description="shards fetched ahead in background threads")
     cache_dir: Optional[str] = Field(None, description="local cache for remote shards")
-    connections: int = Field(8, gt=0, description="concurrent ranged requests per rank to object storage")
-    request_bytes: int = Field(8 << 20, gt=0, description="bytes per ranged request to object storage (rounded to the 1 MiB checksum blocks)")
-    labeled_per_class: Optional[int] = Field(None, gt=0, description="keep labels of only this many samples per class (seeded; semi-supervised)")
+    connections: int = Field(8, gt=0, le=1024, description="concurrent ranged requests per rank to object storage")
+    request_bytes: int = Field(8 << 20, gt=0, le=1 << 32, description="bytes per ranged request to object storage (rounded to the 1 MiB checksum blocks)")
+    labeled_per_class: Optional[int] = Field(None, gt=0, le=MAX_SAMPLES, description="keep labels of only this many samples per class (seeded; semi-supervised)")
     eval_split: str = Field("test", description="split the final metrics are computed on")
 
 
+
+
+class NetworkSpec(Section):
+    """A user's own network in LightningCLI's convention: the class to import and its keyword arguments."""
+
+    class_path: Optional[str] = Field(None, description="pkg.module.Class of a torch.nn.Module to use instead of the built-in network "
+                                      "(it must be importable where the workers run: submit --py-modules)")
+    init_args: dict[str, Any] = Field({}, description="keyword arguments of the class; the shapes it may take (in_shape, in_features, "
+                                      "out_shape, out_features) are passed by aae-dist")
+
+
+NETWORK_KEYS = ("encoder", "decoder", "discriminator")  # model keys that may name a user's own network
 
 
 def arch(default, **kw):
@@ -41,32 +81,38 @@ def arch(default, **kw):
 class ModelConfig(Section):
     variant: Literal[VARIANTS] = arch("basic", description="the paper's AAE variants (Sec. 2-7), see aae_dist/variants.py")
     regularizer: Literal["adversarial", "kl"] = arch("adversarial", description="kl: the VAE baseline (gaussian posterior)")
-    num_classes: Optional[int] = arch(None, gt=1, description="K of the categorical y; default: the dataset's classes")
-    cluster_head_distance: float = Field(2.0, ge=0, description="dim_reduction: cluster heads closer than this are pushed apart")
-    cluster_head_weight: float = Field(1.0, ge=0, description="dim_reduction: weight of the push between close cluster heads")
+    num_classes: Optional[int] = arch(None, gt=1, le=MAX_CLASSES, description="K of the categorical y; default: the dataset's classes")
+    cluster_head_distance: float = Field(2.0, ge=0, le=1e6, description="dim_reduction: cluster heads closer than this are pushed apart")
+    cluster_head_weight: float = Field(1.0, ge=0, le=MAX_SCALE, description="dim_reduction: weight of the push between close cluster heads")
     kind: Literal["mlp", "conv"] = arch("mlp", description="network family: the paper's MLPs or strided convolutions")
-    hidden: list[int] = arch([1000, 1000], description="hidden layer widths of encoder and decoder")
-    disc_hidden: list[int] = arch([1000, 1000], description="hidden layer widths of the discriminators")
-    latent_dim: int = arch(8, gt=0, description="dimensions of the code z")
+    hidden: list[int] = arch([1000, 1000], description=f"hidden layer widths of encoder and decoder [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
+    disc_hidden: list[int] = arch([1000, 1000], description=f"hidden layer widths of the discriminators [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
+    latent_dim: int = arch(8, gt=0, le=MAX_LATENT, description="dimensions of the code z")
     posterior: Literal["deterministic", "gaussian", "universal"] = arch("deterministic", description="q(z|x): deterministic, gaussian (reparameterised) or universal (input noise)")
-    noise_dim: int = arch(16, gt=0, description="universal approximator: noise concatenated to the input")
-    conv_channels: list[int] = arch([32, 64], description="conv: channels of each stride-2 layer")
+    noise_dim: int = arch(16, gt=0, le=MAX_LATENT, description="universal approximator: noise concatenated to the input")
+    conv_channels: list[int] = arch([32, 64], description=f"conv: channels of each stride-2 layer [each <= {MAX_CHANNELS}, at most {MAX_LAYERS} layers]")
     output: Literal["auto", "bernoulli", "gaussian"] = Field("auto", description="auto: bernoulli (sigmoid+BCE) for uint8 pixels")
-    encoder_hidden: Optional[list[int]] = arch(None, description="width per network; default: hidden")
-    decoder_hidden: Optional[list[int]] = arch(None, description="decoder widths; default: hidden")
+    encoder_hidden: Optional[list[int]] = arch(None, description=f"width per network; default: hidden [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
+    decoder_hidden: Optional[list[int]] = arch(None, description=f"decoder widths; default: hidden [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
     batch_norm: bool = arch(False, description="batch norm in the encoder, its y and z outputs included (paper: clustering)")
-    input_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)")
+    input_noise: float = Field(0.0, ge=0, le=1e6, description="std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the encoder's input, training only (paper: 0.2 clustering)")
-    init_std: Optional[float] = Field(None, gt=0, description="weights N(0, init_std^2), biases 0; default: torch's init")
+    init_std: Optional[float] = Field(None, gt=0, le=100, description="weights N(0, init_std^2), biases 0; default: torch's init")
+    encoder: NetworkSpec = arch(NetworkSpec(), description="your own encoder: x (B, *sample shape) -> (B, out_features) = y logits, "
+                                "then z (then z's log-variance)")
+    decoder: NetworkSpec = arch(NetworkSpec(), description="your own decoder: (B, in_features) -> (B, *sample shape) logits or means")
+    discriminator: NetworkSpec = arch(NetworkSpec(), description="your own discriminator (every D of the variant): (B, in_features) -> "
+                                      "(B, 1) or (B,) logits")
 
-    @field_validator("hidden", "disc_hidden", "conv_channels", "encoder_hidden", "decoder_hidden")
+    @field_validator("hidden", "disc_hidden", "encoder_hidden", "decoder_hidden")
     @classmethod
-    def _positive(cls, v):
-        if v is None:
-            return v
-        if not v or any(int(h) <= 0 for h in v):
-            raise ValueError("needs one or more positive layer sizes")
-        return v
+    def _widths(cls, v):
+        return layer_sizes(v, MAX_WIDTH, "widths")
+
+    @field_validator("conv_channels")
+    @classmethod
+    def _channels(cls, v):
+        return layer_sizes(v, MAX_CHANNELS, "channels")
 
     @classmethod
     def architecture_keys(cls) -> tuple[str, ...]:
@@ -75,52 +121,60 @@ class ModelConfig(Section):
     def architecture(self) -> dict:
         """The settings a checkpoint's weights depend on (the fields declared with `arch`)."""
         d = self.model_dump(mode="json")
-        return {k: d[k] for k in self.architecture_keys()}
+        # a built-in network is left out, so checkpoints written before model.encoder/decoder/discriminator existed still resume
+        return {k: d[k] for k in self.architecture_keys() if not (k in NETWORK_KEYS and d[k]["class_path"] is None)}
 
 
 class PriorConfig(Section):
     kind: Literal["gaussian", "uniform", "gamma", "mixture", "swiss_roll", "categorical"] = Field("gaussian", description="the prior p(z) codes are matched to")
-    std: float = Field(1.0, gt=0, description="gaussian")
-    low: float = Field(-1.0, description="uniform")
-    high: float = Field(1.0, description="uniform: upper bound")
-    shape: float = Field(2.0, gt=0, description="gamma concentration")
-    scale: float = Field(1.0, gt=0, description="gamma scale")
-    components: int = Field(10, gt=0, description="mixture / swiss roll segments / categorical classes")
-    radius: float = Field(4.0, gt=0, description="mixture: distance of component means from the origin")
-    radial_std: float = Field(0.5, gt=0, description="mixture: spread of a component along its radius")
-    tangential_std: float = Field(0.1, gt=0, description="mixture: spread of a component across its radius")
+    std: float = Field(1.0, gt=0, le=1e6, description="gaussian")
+    low: float = Field(-1.0, ge=-1e6, le=1e6, description="uniform")
+    high: float = Field(1.0, ge=-1e6, le=1e6, description="uniform: upper bound")
+    shape: float = Field(2.0, gt=0, le=1e6, description="gamma concentration")
+    scale: float = Field(1.0, gt=0, le=1e6, description="gamma scale")
+    components: int = Field(10, gt=0, le=MAX_CLASSES, description="mixture / swiss roll segments / categorical classes")
+    radius: float = Field(4.0, gt=0, le=1e6, description="mixture: distance of component means from the origin")
+    radial_std: float = Field(0.5, gt=0, le=1e6, description="mixture: spread of a component along its radius")
+    tangential_std: float = Field(0.1, gt=0, le=1e6, description="mixture: spread of a component across its radius")
 
 
 class PhaseConfig(Section):
-    lr: float = Field(gt=0, description="learning rate")
+    lr: float = Field(gt=0, le=MAX_SCALE, description="learning rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum (the paper's)")
-    beta1: float = Field(0.5, description="adam")
-    beta2: float = Field(0.999, description="adam")
+    beta1: float = Field(0.5, ge=0, lt=1, description="adam")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adam")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd (paper: 0.9 reconstruction/supervised, 0.1 adversarial)")
-    decay_epochs: list[int] = Field([], description="multiply lr by `decay` at each of these epochs (paper: /10 at epoch 50)")
-    every: int = Field(1, gt=0, description="run on steps where step % every == 0")
-    weight: float = Field(1.0, ge=0, description="loss weight")
+    decay_epochs: list[Annotated[int, Field(ge=0, le=MAX_STEPS)]] = Field([], description="multiply lr by `decay` at each of these epochs (paper: /10 at epoch 50)")
+    every: int = Field(1, gt=0, le=MAX_STEPS, description="run on steps where step % every == 0")
+    weight: float = Field(1.0, ge=0, le=MAX_SCALE, description="loss weight")
     schedule: Literal["constant", "cosine", "step"] = Field("constant", description="learning-rate shape over the run")
-    decay_every: int = Field(10_000, gt=0, description="schedule=step")
-    decay: float = Field(0.1, gt=0, description="schedule=step and decay_epochs")
+    decay_every: int = Field(10_000, gt=0, le=MAX_STEPS, description="schedule=step")
+    decay: float = Field(0.1, gt=0, le=1e6, description="schedule=step and decay_epochs")
 
 
 class ReconstructionPhaseConfig(PhaseConfig):
-    consistency: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x shifted)), "
+    consistency: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of KL(y(x) || y(x shifted)), "
                                                        "the y of a randomly translated image learns the y of the image (0: off)")
-    consistency_shift: int = Field(2, ge=1, description="largest translation in pixels, per sample and axis (consistency > 0)")
+    consistency_shift: int = Field(2, ge=1, le=4096, description="largest translation in pixels, per sample and axis (consistency > 0)")
     consistency_rotate: float = Field(0.0, ge=0, le=90, description="largest rotation in degrees, per sample (consistency > 0)")
     consistency_scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out as a fraction, per sample (consistency > 0)")
     consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency and vat terms' target y(x) sees: "
                                                           "the reconstruction's own noisy input, or x without input noise or dropout")
-    vat: float = Field(0.0, ge=0, description="variants with a categorical y: weight of KL(y(x) || y(x + r)), r the perturbation of "
+    vat: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of KL(y(x) || y(x + r)), r the perturbation of "
                                                "L2 norm vat_eps that changes y most (virtual adversarial training; 0: off)")
-    vat_eps: float = Field(2.0, gt=0, description="L2 norm of the adversarial perturbation, in pixel units of [0, 1] images (vat > 0)")
+    vat_eps: float = Field(2.0, gt=0, le=1e6, description="L2 norm of the adversarial perturbation, in pixel units of [0, 1] images (vat > 0)")
+    vat_alpha: float = Field(0.0, ge=0, le=1e6, description="vat > 0: the radius of each sample's perturbation is vat_alpha x its distance "
+                                                  "to its vat_neighbours-th nearest training sample (IMSAT: 0.25; batch-norm statistics "
+                                                  "frozen in the VAT pass); 0: every sample gets vat_eps")
+    vat_neighbours: int = Field(10, ge=1, le=1000, description="vat_alpha > 0: which nearest neighbour sets the radius (IMSAT: 10)")
+    info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "
+                                                "marginal over the global batch (IMSAT's information term: confident, balanced clusters; 0: off)")
+    info_mu: float = Field(4.0, ge=0, le=1e6, description="info > 0: weight of the marginal entropy against the conditional one (IMSAT: 4)")
 
 
 class DiscriminatorPhaseConfig(PhaseConfig):
-    repeat: int = Field(1, gt=0, description="D steps per generator step")
-    input_noise: float = Field(0.0, ge=0, description="std of noise added to D's inputs")
+    repeat: int = Field(1, gt=0, le=1000, description="D steps per generator step")
+    input_noise: float = Field(0.0, ge=0, le=1e6, description="std of noise added to D's inputs")
     skip_above_accuracy: Optional[float] = Field(None, gt=0, le=1, description="skip D while its global accuracy is above")
 
 
@@ -134,31 +188,41 @@ class PhasesConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0, description="passes over the training split")
-    max_steps: Optional[int] = Field(None, gt=0, description="stop early when set")
-    checkpoint_every: int = Field(500, gt=0, description="steps")
-    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
-    max_failures: int = Field(3, ge=0, description="worker failures survived")
-    seed: int = Field(0, description="seeds weights, data order, labelled subset and every random draw")
-    warmup_steps: int = Field(0, ge=0, description="reconstruction-only steps first")
-    sync_every: int = Field(20, gt=0, description="steps between the coordinator's reductions")
+    epochs: int = Field(10, gt=0, le=MAX_STEPS, description="passes over the training split")
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="stop early when set")
+    checkpoint_every: int = Field(500, gt=0, le=MAX_STEPS, description="steps")
+    keep_checkpoints: int = Field(3, gt=0, le=1_000_000, description="newest checkpoints kept in the run folder")
+    max_failures: int = Field(3, ge=0, le=1_000_000, description="worker failures survived")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds weights, data order, labelled subset and every random draw")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="reconstruction-only steps first")
+    sync_every: int = Field(20, gt=0, le=MAX_STEPS, description="steps between the coordinator's reductions")
     target_recon_loss: Optional[float] = Field(None, description="stop once the reduced reconstruction loss is below")
-    amp: bool = Field(False, description="bf16 autocast, GPU only")
+    amp: bool = Field(False, description="bf16 autocast, GPU only (kept as an alias of precision=bf16 on GPUs)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forwards under bf16 autocast on GPU, or on a CPU with native "
+                                               "bf16 (avx512_bf16/AMX; refused elsewhere); weights, gradients, losses and reductions stay fp32")
+    fused: bool = Field(True, description="fused Adam/SGD kernels (one per phase) where torch has them for the device; false: the "
+                                          "per-parameter loop")
     compile: bool = Field(False, description="torch.compile each network's forward")
     grad_compression: Union[Literal["none", "fp16", "bf16", "powersgd"], dict[str, Literal["none", "fp16", "bf16", "powersgd"]]] = Field(
         "none", description="how gradients travel: none, fp16/bf16 (half the bytes), powersgd (low-rank); one for all networks or "
                             "per network, e.g. {encoder: powersgd, decoder: powersgd, discriminator: fp16}")
-    accumulate: int = Field(1, gt=0, description="micro-batches (of data.batch_size each) per optimizer step per phase; gradients "
+    accumulate: int = Field(1, gt=0, le=65536, description="micro-batches (of data.batch_size each) per optimizer step per phase; gradients "
                                                     "are all-reduced once per step (DDP no_sync on the others): K x fewer bytes per sample")
-    average_every: int = Field(1, gt=0, description="1: gradients all-reduced every step (DDP); H > 1: local SGD, each worker "
+    average_every: int = Field(1, gt=0, le=MAX_STEPS, description="1: gradients all-reduced every step (DDP); H > 1: local SGD, each worker "
                                                        "steps on its own gradients and the parameters are averaged every H steps "
                                                        "(and at checkpoints): H x fewer bytes per sample, as many updates as DDP")
-    powersgd_rank: int = Field(2, gt=0, description="rank of PowerSGD's gradient approximation (with error feedback)")
-    threads: Optional[int] = Field(None, gt=0, description="torch threads per worker")
-    image_every: int = Field(500, gt=0, description="steps between TensorBoard images and figures")
+    powersgd_rank: int = Field(2, gt=0, le=4096, description="rank of PowerSGD's gradient approximation (with error feedback)")
+    threads: Optional[int] = Field(None, gt=0, le=4096, description="torch threads per worker")
+    image_every: int = Field(500, gt=0, le=MAX_STEPS, description="steps between TensorBoard images and figures")
     nan_policy: Literal["skip", "stop"] = Field("stop", description="non-finite loss: stop (last checkpoint kept) or skip the update")
     progress: bool = Field(True, description="progress bar on rank 0")
-    parzen_samples: int = Field(10_000, ge=0, description="decoded prior samples for parzen_ll at the end (0: skip)")
+    autoencoder_baseline: bool = Field(False, description="clustering: also train a plain autoencoder (same networks and steps, z as wide "
+                                       "as y and z together) and score k-means on its codes in summary.json['baselines']")
+    parzen_samples: int = Field(10_000, ge=0, le=MAX_SAMPLES, description="decoded prior samples for parzen_ll at the end (0: skip)")
+    keep_best: Optional[str] = Field(None, description="also keep the checkpoint best by this metric reported at every checkpoint "
+                                                        "(e.g. reconstruction/loss), besides the newest keep_checkpoints; Ray ranks "
+                                                        "Result.best_checkpoints by it too")
+    keep_best_mode: Literal["min", "max"] = Field("min", description="keep_best: whether the lowest or the highest value is best")
 
     @model_validator(mode="after")
     def _one_way_to_save_bytes(self):
@@ -168,6 +232,31 @@ class TrainConfig(Section):
         return self
 
 
+class MlflowLogConfig(Section):
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (http://127.0.0.1:5000, sqlite:///mlflow.db); none with "
+                                                          "experiment unset: MLflow off; none with experiment set: MLFLOW_TRACKING_URI")
+    experiment: Optional[str] = Field(None, description="MLflow experiment the run is logged to; default: aae-dist")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracking_uri is not None or self.experiment is not None
+
+
+class WandbLogConfig(Section):
+    project: Optional[str] = Field(None, description="W&B project; none: W&B off")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline: files under RUN/wandb, `wandb sync` them later")
+
+    @property
+    def enabled(self) -> bool:
+        return self.project is not None and self.mode != "disabled"
+
+
+class LogConfig(Section):
+    mlflow: MlflowLogConfig = Field(MlflowLogConfig(), description="experiment tracking in MLflow (rank 0): the TensorBoard scalars, "
+                                                                   "hparams, final metrics, figures as artifacts")
+    wandb: WandbLogConfig = Field(WandbLogConfig(), description="experiment tracking in Weights & Biases (rank 0), as for MLflow")
+
+
 class RunSection(Section):
     name: str = Field("", description="empty: aae-YYYYmmdd-HHMMSS")
     storage: str = Field("runs", description="where run folders go (path or fsspec URL)")
@@ -175,11 +264,11 @@ class RunSection(Section):
     gpu: bool = Field(False, description="one GPU per worker (NCCL)")
     address: Optional[str] = Field(None, description="Ray cluster to join; default: a fresh local Ray")
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description="where Ray puts the workers")
-    resources_per_worker: dict[str, float] = Field({}, description="extra Ray resources each worker asks for (e.g. {'worker_node': 1})")
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0, le=1e9)]] = Field({}, description="extra Ray resources each worker asks for (e.g. {'worker_node': 1})")
     shared_storage: bool = Field(False, description="a local --storage path that is a mount shared by every node")
-    cpus_per_worker: Optional[int] = Field(None, gt=0, description="default: local Ray shares this machine's cores; a cluster gives 1")
+    cpus_per_worker: Optional[int] = Field(None, gt=0, le=4096, description="default: local Ray shares this machine's cores; a cluster gives 1")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand: do not refuse workers it cannot place now")
-    resize_check_s: float = Field(60.0, ge=0, description="elastic runs (--workers MIN:MAX): seconds between looks for room to grow; "
+    resize_check_s: float = Field(60.0, ge=0, le=1e6, description="elastic runs (--workers MIN:MAX): seconds between looks for room to grow; "
                                   "a resize restarts the group from the last checkpoint")
     _range: tuple[int, int] = PrivateAttr((1, 1))
 
@@ -197,6 +286,8 @@ class RunSection(Section):
             raise ValueError(f"--workers {self.workers!r}: expected N or MIN:MAX, e.g. --workers 2") from None
         if a < 0 or b < a or (sep and a == 0):
             raise ValueError(f"--workers {self.workers!r}: need 0 <= MIN <= MAX (0 = in-process)")
+        if b > MAX_WORKERS:
+            raise ValueError(f"--workers {self.workers!r}: at most {MAX_WORKERS} workers")
         self._range = (a, b)
         return self
 
@@ -217,6 +308,7 @@ class Config(Section):
     phases: PhasesConfig = Field(PhasesConfig(), description="optimizer and schedule per phase")
     train: TrainConfig = Field(TrainConfig(), description="length, checkpoints, numerics, evaluation")
     run: RunSection = Field(RunSection(), description="run name, storage, workers, cluster")
+    log: LogConfig = Field(LogConfig(), description="experiment trackers beside TensorBoard: MLflow, W&B")
 
     def to_dict(self, redact: bool = False) -> dict:
         """Plain data; redact=True drops credentials from URLs before the config is saved or logged."""
@@ -227,6 +319,8 @@ class Config(Section):
             for section, key in (("data", "path"), ("data", "cache_dir"), ("run", "storage"), ("run", "address")):
                 if d[section][key]:
                     d[section][key] = clean(d[section][key])
+            if d["log"]["mlflow"]["tracking_uri"]:
+                d["log"]["mlflow"]["tracking_uri"] = clean(d["log"]["mlflow"]["tracking_uri"])
         return d
 
 
@@ -234,11 +328,44 @@ def _explain(exc: ValidationError, origin: str) -> UserError:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return UserError(f"unknown config key '{key}' in {origin}: check the spelling (see jobs/*.yaml for valid keys)")
+        hint = _did_you_mean(err["loc"]) or " check the spelling"
+        return UserError(f"unknown config key '{key}' in {origin}:{hint} (aae-dist config lists every key)")
     value = err.get("input")
     if err["type"] == "value_error" and isinstance(value, dict):  # a check across a section's keys
         return UserError(f"{err['msg'].removeprefix('Value error, ')} (in {origin})")
-    return UserError(f"bad value for config key '{key}' in {origin}: {err['msg']} (got {value!r})")
+    return UserError(f"bad value for config key '{key}' in {origin}: {_message(err)} (got {_short(value)})")
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """' did you mean 'train.epochs'?' for a misspelt key: the closest key of the same section (difflib)."""
+    import difflib
+
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        ann = section.model_fields.get(str(part))
+        ann = ann.annotation if ann else None
+        if not (isinstance(ann, type) and issubclass(ann, Section)):
+            return ""
+        section = ann
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _message(err: dict) -> str:
+    """pydantic's message, with a bound written as a number (1e+30, not thirty-one digits)."""
+    if err["type"] in _BOUNDS and err.get("ctx"):
+        bound = next(iter(err["ctx"].values()))
+        return f"must be {_BOUNDS[err['type']]} {bound:g}" if isinstance(bound, float) else f"must be {_BOUNDS[err['type']]} {bound}"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _short(value) -> str:
+    """The offending value as typed, cut short: a pasted list of a million widths is not an error line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _set_path(doc: dict, dotted: str, value, origin: str) -> None:
@@ -263,16 +390,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
     """Defaults <- YAML file <- `--set KEY=VALUE` (values parsed as YAML scalars)."""
     doc: dict = _merge(Config().to_dict(), base or {})  # sections keep their defaults when one key is set
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {path} not found") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        doc = _merge(doc, loaded)
+        doc = _merge(doc, read_config_file(path))
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
@@ -286,6 +404,26 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         return Config.model_validate(doc)
     except ValidationError as exc:
         raise _explain(exc, path or "--set") from None
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML config file's mapping; any file that is not one (a folder, not UTF-8, a list) is a UserError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path} is a directory: pass a YAML file, e.g. jobs/cpu/mnist_aae.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__}): check the path and its permissions") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -306,14 +444,24 @@ def describe(model: type[Section] = Config, prefix: str = "") -> list[tuple[str,
             rows += describe(ann, key + ".")
             continue
         default = f.default
-        rows.append((key, _type_name(ann), "(required)" if f.is_required() else repr(default), f.description or ""))
+        rows.append((key, _type_name(ann), "(required)" if f.is_required() else repr(default), (f.description or "") + _range(f)))
     return rows
+
+
+def _range(f) -> str:
+    """The bounds load_config enforces, for `aae-dist config` (e.g. " [> 0, <= 1e+30]")."""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{sym} {getattr(m, op):g}" if isinstance(getattr(m, op), float) else f"{sym} {getattr(m, op)}"
+             for m in f.metadata for op, sym in ops.items() if getattr(m, op, None) is not None]
+    return f" [{', '.join(parts)}]" if parts else ""
 
 
 def _type_name(ann) -> str:
     import typing
 
     origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin is Literal:
         return "|".join(str(a) for a in args)
     if origin is typing.Union:

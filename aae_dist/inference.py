@@ -19,9 +19,22 @@ def load_run(ref: str) -> tuple[Config, AAE]:
     if "config" not in meta:
         raise UserError(f"checkpoint {storage.redact(ref)} has no config (written by an older aae-dist): re-train")
     cfg = Config.model_validate(meta["config"])
-    aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]))
+    aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]), table=table_of(meta, ref))
     checkpoint.restore_part(aae, state, "models", ref)  # a network missing or misshapen: one line naming it
+    aae.step = int(meta["step"])  # the step the weights are from: figures and aae_dist.load name it
     return cfg, aae.eval()
+
+
+def table_of(meta: dict, ref: str) -> dict | None:
+    """A table run's columns and transforms, as its checkpoint saved them (checked like a manifest's)."""
+    if meta.get("table") is None:
+        return None
+    from .data.tables import check_table_spec
+
+    try:
+        return check_table_spec(meta["table"], int(np.prod(meta["shape"])))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"checkpoint {storage.redact(ref)} has an invalid table description ({exc}): re-train") from None
 
 
 def load_model(ref: str) -> AAE:
@@ -49,7 +62,7 @@ def evaluate(ref: str, data: str | None, split: str) -> dict:
         raise UserError(f"dataset {storage.redact(path)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
     ev = Evaluator(cfg, model, manifest, data_path=path)
     manifest.split(split, path)
-    return {**ev.run(split), "baselines": ev.baselines(split)}
+    return {**ev.run(split), "baselines": ev.baselines(split, run_url=ref)}  # a run folder's stored plain autoencoder is scored too
 
 
 def write_figures(ref: str, out: str, data: str | None = None, split: str = "test", n: int = 2000, seed: int = 0) -> list[str]:
@@ -65,7 +78,8 @@ def write_figures(ref: str, out: str, data: str | None = None, split: str = "tes
     x, y = next(iter(ShardStream(path, split, n, shuffle=False, drop_last=False, manifest=manifest).iter_epoch(0)))
     written = []
     with model.evaluating():
-        for name, fig in paper_figures(model, model.normalise(x), y.numpy(), torch.Generator().manual_seed(seed)).items():
+        caption = f"run {cfg.run.name}, step {model.step}"
+        for name, fig in paper_figures(model, model.normalise(x), y.numpy(), torch.Generator().manual_seed(seed), caption=caption).items():
             dest = storage.join(out, f"{name}.png")
             storage.write_bytes_atomic(dest, to_png(fig))
             written.append(dest)

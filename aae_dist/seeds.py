@@ -10,8 +10,9 @@ _EVAL, _PARZEN, _GENERATE = 12_345, 777, 100_003
 
 
 def step(seed: int, rank: int, step_index: int) -> int:
-    """The generator of one training step on one rank (noise, prior samples, labelled draws)."""
-    return (seed * _STEP_A + rank) * _STEP_B + step_index
+    """The generator of one training step on one rank (noise, prior samples, labelled draws); modulo 2**64,
+    what torch takes (the same value for every seed that fitted before)."""
+    return ((seed * _STEP_A + rank) * _STEP_B + step_index) % 2**64
 
 
 def evaluation(seed: int) -> int:

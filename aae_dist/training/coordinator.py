@@ -142,9 +142,9 @@ class Coordinator:
         self.last_means = means
         d = decide(self.cfg, means, sums, self.skip)
         self.skip = d.skip
-        for phase, count in d.nonfinite.items():
+        for phase, count in d.nonfinite.items():  # in phase order: the first phase of a step is named
             self.nonfinite_steps += count
-            self.nonfinite_phase = phase
+            self.nonfinite_phase = self.nonfinite_phase or phase
         if self.stop_reason is None:
             self.stop_reason = d.stop_reason
         return means

@@ -3,6 +3,7 @@ coordinator, checkpointer) and handing what it measures to rank 0's reporter."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
@@ -16,7 +17,7 @@ from ..distributed import all_reduce_, average_, average_buffers, distributed, w
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..models import AAE
-from . import faults
+from . import faults, precision
 from .comm import CommStats
 from .coordinator import Coordinator
 from .phases import PhaseStates, StepContext, build_phases, make_optimizer
@@ -28,13 +29,15 @@ from .summary import write_summary
 class Trainer:
     def __init__(self, cfg: Config, session: Session, started_at: float | None = None, feed=None):
         self.cfg, self.session = cfg, session
+        session.retain_best(cfg.train.keep_best, cfg.train.keep_best_mode)
         self.rank, self.world = session.rank, session.world_size
         self.started_at = started_at if started_at is not None else time.time()
         timeline.reset(since=self.started_at)
         if cfg.train.threads or cfg.run.cpus_per_worker:
             torch.set_num_threads(cfg.train.threads or cfg.run.cpus_per_worker)
         self.device = session.device(cfg.run.gpu)
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.autocast_dtype = precision.autocast_dtype(cfg.train, self.device)  # None: fp32; refuses bf16 on a CPU without it
+        self.amp = self.autocast_dtype is not None
         d = cfg.data
         self.manifest = read_manifest(d.path)
         self.train_data = ShardStream(
@@ -48,7 +51,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
         num_classes = cfg.model.num_classes or self.manifest.num_classes
-        self.aae = AAE(cfg.model, cfg.prior, tuple(self.manifest.shape), self.manifest.dtype, num_classes).to(self.device)
+        self.aae = AAE(cfg.model, cfg.prior, tuple(self.manifest.shape), self.manifest.dtype, num_classes,
+                       table=self.manifest.table).to(self.device)
         if cfg.train.compile:
             for m in self.aae.nets.values():  # compile forward only: state_dict keys stay plain
                 m.forward = torch.compile(m.forward)
@@ -62,7 +66,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.phases = build_phases(cfg)
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
-        self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled)
+        self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled, radius=self._vat_radius())
         probe = session.stop_requested if self.rank == 0 else None
         self.micro = cfg.train.accumulate
         if len(self.train_data) < self.micro:
@@ -71,16 +75,17 @@ class Trainer:
         self.coord = Coordinator(cfg, self.phases, len(self.train_data) // self.micro, self.device, stop_probe=probe, world_size=self.world,
                                  stage_length=self.train_data.stage_batches)
         for ph in self.phases:
-            make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data))
+            make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data), fused=cfg.train.fused)
         self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
         self.after_step = faults.step_tracer()
         self.nan_policy = cfg.train.nan_policy  # both check every all-reduced gradient before each update (_grads_finite)
+        self.recent_updates = collections.deque(maxlen=2 * sum(ph.repeat for ph in self.phases))  # what _broken_by searches
         self.checkpointer = Checkpointer(
             {"models": self.aae, "optimizers": PhaseStates(self.phases, "optimizer"),
              "schedulers": PhaseStates(self.phases, "scheduler"), "coordinator": self.coord},
             meta={"world_size": self.world, "architecture": cfg.model.architecture(), "config": cfg.to_dict(redact=True),
                   "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": num_classes,
-                  "output": self.aae.output},
+                  "output": self.aae.output, **({"table": self.manifest.table} if self.manifest.table else {})},
         )
         self.resumed_from = self._restore()
         self.last_saved_step = self.resumed_from
@@ -103,6 +108,30 @@ class Trainer:
 
         return draw
 
+    def _vat_radius(self):
+        """Adaptive VAT (phases.reconstruction.vat_alpha): the neighbour distances of the training samples,
+        read from the run folder, else computed (every rank alike, deterministic) and written by rank 0."""
+        rc = self.cfg.phases.reconstruction
+        if not (rc.vat and rc.vat_alpha):
+            return None
+        from . import neighbours
+        from .. import storage
+
+        url = storage.join(self.session.run_url, neighbours.FILE)
+        if storage.exists(url):
+            keys, radii = neighbours.from_bytes(storage.read_bytes(url), url)
+        else:
+            d = self.cfg.data
+            stream = ShardStream(d.path, "train", 1000, shuffle=False, cache_dir=d.cache_dir, manifest=self.manifest)
+
+            def batches():
+                return (self.aae.normalise(x).cpu() for x, _ in stream.iter_epoch(0))
+
+            keys, radii, facts = neighbours.compute(batches, self.manifest.splits["train"].count, rc.vat_neighbours, self.cfg.train.seed)
+            if self.rank == 0:
+                storage.write_bytes_atomic(url, neighbours.to_bytes(keys, radii, facts))
+        return neighbours.RadiusTable(keys, radii, self.device)
+
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
         """One optimizer step per phase over `batches` (train.accumulate micro-batches): gradients add up
@@ -115,7 +144,7 @@ class Trainer:
                 ph.optimizer.zero_grad(set_to_none=True)
                 for i, (x, y) in enumerate(batches):
                     with self._no_sync(i < len(batches) - 1 or self.average_every > 1):
-                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                        with precision.autocast(self.device, self.autocast_dtype):
                             loss, stats = ph.loss(self.ctx, x, y)
                         scale = ph.cfg.weight / len(batches)
                         (loss * scale if scale != 1.0 else loss).backward()
@@ -134,6 +163,7 @@ class Trainer:
                                            "skipped and counted in summary.json['skipped_updates']; lower that phase's lr if it recurs")
                     continue
                 ph.optimizer.step()
+                self.recent_updates.append(ph)
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
         return self.coord.end_step()
@@ -184,9 +214,13 @@ class Trainer:
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
     def _stop_nonfinite(self, ph) -> None:
-        """nan_policy=stop: before the bad update, on every rank alike; the weights now are the last finite ones."""
+        """nan_policy=stop: before the bad update, on every rank alike (DDP keeps their weights equal).  The
+        weights are saved only if every tensor is finite; an earlier update can have broken them (an
+        overflowing step), and then its phase is the one to blame and the last good checkpoint is named."""
         ph.optimizer.zero_grad(set_to_none=True)
         failing, done = self.coord.step + 1, self.coord.step
+        if not self._weights_finite():
+            self._refuse_nonfinite_weights(failing, f"first seen in the gradients of phase '{ph.name}'")
         if done != self.last_saved_step:
             self.save_checkpoint(stopped_by={"nonfinite_loss_at_step": failing, "phase": ph.name,
                                              "note": "phases before this one in that step were applied"})
@@ -194,6 +228,28 @@ class Trainer:
             f"non-finite gradients in phase '{ph.name}' at step {failing}: stopped before applying it; checkpoint_step_{done:09d} "
             "holds the last finite weights; lower that phase's lr or set train.nan_policy=skip"
         )
+
+    def _weights_finite(self) -> bool:
+        """Weights, batch-norm statistics and optimizer moments: what a resume continues from (the
+        coordinator's statistics may hold the very non-finite loss that stopped the run)."""
+        return checkpoint.all_finite(self.checkpointer.state(("models", "optimizers")))
+
+    def _refuse_nonfinite_weights(self, step: int, seen: str) -> None:
+        """Stop without saving weights that hold inf or nan, naming the update that broke them and the last good checkpoint."""
+        culprit = self._broken_by()
+        cause = f"an update of phase '{culprit.name}' made weights non-finite" if culprit else "the weights were already non-finite"
+        kept = (f"checkpoint_step_{self.last_saved_step:09d} holds the last finite weights" if self.last_saved_step is not None
+                else "the run has no checkpoint with finite weights (start it again)")
+        fix = f"lower phases.{culprit.name}.lr or phases.{culprit.name}.weight" if culprit else "resume from an earlier checkpoint"
+        raise UserError(f"non-finite weights at step {step}: {cause}, {seen}; stopped without saving them; {kept}; {fix}")
+
+    def _broken_by(self):
+        """The phase of the latest recent update whose parameters are non-finite now: that update broke them
+        (a later phase reading them would have stopped before its own update)."""
+        for ph in reversed(self.recent_updates):
+            if not all(torch.isfinite(p).all() for group in ph.optimizer.param_groups for p in group["params"]):
+                return ph
+        return None
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -228,7 +284,7 @@ class Trainer:
         t_eval = time.perf_counter()
         evaluator = Evaluator(self.cfg, self.aae, self.manifest, rank=self.rank, world=self.world)
         metrics = evaluator.run(self.eval_split) if coord.stop_reason != "interrupted" else {}
-        baselines = evaluator.baselines(self.eval_split) if metrics and self.rank == 0 else {}
+        baselines = evaluator.baselines(self.eval_split, run_url=self.session.run_url, steps=coord.step) if metrics and self.rank == 0 else {}
         self.eval_s = time.perf_counter() - t_eval
         self.save_checkpoint(final=True, metrics=metrics)
         return write_summary(self, metrics, baselines, samples / train_s if train_s else 0.0, train_s)
@@ -242,7 +298,11 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, final: bool = False, metrics: dict | None = None, **meta) -> None:
+        """Every rank calls this.  nan_policy=stop never saves non-finite weights (the step's last update can
+        break them with nothing after it to notice): every rank refuses alike, as their weights are equal."""
         coord = self.coord
+        if self.nan_policy == "stop" and not self._weights_finite():
+            self._refuse_nonfinite_weights(coord.step, f"found before writing checkpoint_step_{coord.step:09d}")
         folder = None
         self.last_saved_step = coord.step
         if self.rank == 0:
@@ -282,8 +342,19 @@ def train_worker(payload: dict) -> None:
     timeline.update(payload.get("timeline") or {})  # the driver's marks
     cfg = Config.model_validate(payload["config"])
     feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
-    Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at"), feed).fit()
+    _fit(Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at"), feed))
 
 
 def train_in_process(cfg: Config, run_url: str, started_at: float | None = None, feed=None) -> dict:
-    return Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at, feed).fit()
+    return _fit(Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at, feed))
+
+
+def _fit(trainer: Trainer) -> dict:
+    """fit(), and on failure rank 0 still uploads its TensorBoard events (they show what led to it)."""
+    try:
+        return trainer.fit()
+    except BaseException:
+        if trainer.reporter is not None:
+            with contextlib.suppress(Exception):
+                trainer.reporter.abort()
+        raise
