@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="most used config keys (--set KEY=VALUE or YAML):\n"
                "  data.path, data.batch_size, data.labeled_per_class, model.variant, model.hidden, model.latent_dim,\n"
                "  model.posterior, model.batch_norm, prior.kind, phases.<phase>.lr, train.epochs, train.max_steps,\n"
-               "  train.checkpoint_every, train.seed\n"
+               "  train.checkpoint_every, train.seed, model.encoder.class_path / model.decoder.class_path (your own networks)\n"
                "every key with its type, default and meaning: aae-dist config; full examples: jobs/*.yaml, jobs/cpu/*.yaml")
     add_run_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue the named run from its last checkpoint")

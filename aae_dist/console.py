@@ -138,26 +138,61 @@ def start_line(cfg, train_count: int, run_url: str, redact) -> str:
     lo, hi = cfg.run.worker_range
     m = cfg.model
     where = "in this process" if hi == 0 else (f"{lo}..{hi} Ray workers" if lo != hi else f"{hi} Ray worker{'s' if hi > 1 else ''}")
-    return (f"aae-dist: training {m.variant} AAE ({m.kind} {m.hidden}, z {m.latent_dim}-d, prior {cfg.prior.kind}) on "
+    own = [f"{k} {getattr(m, k).class_path}" for k in ("encoder", "decoder", "discriminator") if getattr(m, k).class_path]
+    nets = f"{m.kind} {m.hidden}" + (f"; own {', '.join(own)}" if own else "")
+    return (f"aae-dist: training {m.variant} AAE ({nets}, z {m.latent_dim}-d, prior {cfg.prior.kind}) on "
             f"{redact(cfg.data.path)} ({train_count} samples), {where}; run folder {redact(run_url)}")
 
 
-def final_table(summary: dict, paper: dict[str, str], run_url: str, redact) -> str:
-    """The run's metrics beside the same data's baselines and the paper's figures."""
+# how a metric was measured, not how well the run did: shown on a line of their own, not in the table
+RUN_DETAILS = ("parzen_ll_se", "parzen_sigma", "parzen_samples", "parzen_sigma_split", "parzen_sigma_at_grid_edge")
+PAPER_BUDGET = ("paper: full MNIST (50,000 training digits) trained for thousands of epochs (Makhzani et al. 2015); "
+                "a short run, or other data, is not comparable to its figures")
+
+
+def final_table(summary: dict, paper: dict[str, str], run_url: str, redact, kept: bool = True) -> str:
+    """The run's metrics beside the same data's baselines and the paper's figures, then what to do next."""
     metrics, baselines = summary.get("metrics", {}), summary.get("baselines", {})
     rows = [("metric", "this run", "baseline (same data)", "paper")]
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if k in RUN_DETAILS or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         base = BASELINE_OF.get(k)
-        rows.append((k, _fmt(k, v), f"{_fmt(k, baselines[base])} ({base})" if base in baselines else "", paper.get(k, "")))
+        shown = f"{v:.1f} +- {metrics['parzen_ll_se']:.1f} nats" if k == "parzen_ll" and "parzen_ll_se" in metrics else _fmt(k, v)
+        rows.append((k, shown, f"{_fmt(k, baselines[base])} ({base})" if base in baselines else "", paper.get(k, "")))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = (f"done: {summary['steps']} steps ({summary['epochs']:.1f} epochs) in {summary['train_s'] / 60:.1f} min, "
             f"{summary['samples_per_s']:.0f} samples/s, {summary['world_size']} worker(s)")
-    tail = [f"run folder: {redact(run_url)}", f"tensorboard --logdir {redact(run_url)}/tensorboard"]
-    return "\n".join([head, *lines, *tail])
+    notes = [d for d in (_details(metrics),) if d]
+    if any(r[3] for r in rows[1:]):
+        notes.append(PAPER_BUDGET)
+    if not kept:
+        return "\n".join([head, *lines, *notes, "fast-dev-run: nothing was kept (no run folder, checkpoint or TensorBoard); "
+                          "drop --fast-dev-run to train for real"])
+    run = redact(run_url)
+    return "\n".join([head, *lines, *notes, *next_steps(run), f"run folder: {run}", f"tensorboard --logdir {run}/tensorboard"])
+
+
+def _details(metrics: dict) -> str:
+    """How the Parzen estimate was made: its sigma, where sigma was chosen, how many decoded samples."""
+    if "parzen_sigma" not in metrics:
+        return ""
+    edge = ", at the edge of the sigma grid" if metrics.get("parzen_sigma_at_grid_edge") else ""
+    return (f"details: parzen sigma {metrics['parzen_sigma']:g} (chosen on {metrics.get('parzen_sigma_split', '?')}{edge}), "
+            f"{metrics.get('parzen_samples', '?')} prior samples")
+
+
+def next_steps(run: str) -> list[str]:
+    """The exact commands that use the run, for a person who has just trained one."""
+    import shlex
+
+    r = shlex.quote(run)
+    return [f"next: aae-dist eval {r} --plots figures        # metrics as JSON, the paper's figures as PNGs",
+            f"      aae-dist sample {r} --out samples.png    # a grid of decoded prior samples",
+            f"      aae-dist generate {r} --n 10000 --out generated   # a sharded dataset of samples",
+            f"      in Python: aae_dist.load({run!r})   # an nn.Module: encode, reconstruct, decode, sample"]
 
 
 def _fmt(key: str, v: float) -> str:

@@ -4,18 +4,21 @@ sums are all-reduced, so the figures are the same on every rank."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
 
-from . import seeds
+from . import seeds, storage
 from .config import Config
 from .data import ShardStream
 from .distributed import all_gather
 from .distributed import all_reduce_ as _allreduce
 from .models import AAE
 from .scoring import cluster_scores, kmeans_baseline, logistic_baseline
+
+AUTOENCODER_FILE = "baseline_autoencoder.pt"  # the plain autoencoder of train.autoencoder_baseline, in the run folder
 
 PARZEN_SIGMAS = np.logspace(-1, 0, 10)  # the standard protocol's grid (goodfeli/adversarial parzen_ll.py)
 PARZEN_VALIDATION = 1000  # images sigma is chosen on
@@ -105,9 +108,10 @@ class Evaluator:
                            manifest=self.manifest).labelled_samples()
         return self.to_device(torch.from_numpy(np.array(x))).flatten(1).cpu().numpy(), y
 
-    def baselines(self, split: str) -> dict:
+    def baselines(self, split: str, run_url: str | None = None, steps: int = 0) -> dict:
         """The floors the variant's metrics stand beside, on the same data: k-means on raw pixels with the
-        same number of clusters, and logistic regression on exactly the run's labelled samples."""
+        same number of clusters, and logistic regression on exactly the run's labelled samples; with
+        train.autoencoder_baseline (or a stored plain autoencoder in run_url), k-means on its codes."""
         wanted = self.aae.variant.metrics
         out: dict = {}
         if not self.manifest.labels or not wanted:
@@ -116,9 +120,32 @@ class Evaluator:
         if "cluster_error" in wanted:
             x_pool, y_pool = self.pixels("train")
             out.update(kmeans_baseline(x_pool, y_pool, x_test, y_test, self.k, seed=self.cfg.train.seed))
+            out.update(self.autoencoder_kmeans(split, run_url, steps))
         if "classify_error" in wanted:
             out.update(logistic_baseline(*self.labelled(), x_test, y_test))
         return out
+
+    def autoencoder_kmeans(self, split: str, run_url: str | None, steps: int) -> dict:
+        """k-means on the codes of a plain autoencoder (the fair floor for clustering): the one stored in
+        run_url, else, with train.autoencoder_baseline and `steps`, one trained now and stored there."""
+        url = storage.join(run_url, AUTOENCODER_FILE) if run_url else None
+        if url and storage.exists(url):
+            ae = load_plain_autoencoder(self.cfg, self.aae, url)
+        elif self.cfg.train.autoencoder_baseline and steps:
+            ae = train_plain_autoencoder(self.cfg, self.aae, self.manifest, self.path, steps)
+            if url:
+                buf = io.BytesIO()
+                torch.save({n: m.state_dict() for n, m in ae.nets.items()}, buf)
+                storage.write_bytes_atomic(url, buf.getvalue())
+        else:
+            return {}
+        with ae.evaluating():
+            (x_pool, y_pool), (x_test, y_test) = (self.codes_of(ae, s) for s in ("train", split))
+        return {f"autoencoder_{k}": v for k, v in kmeans_baseline(x_pool, y_pool, x_test, y_test, self.k, seed=self.cfg.train.seed).items()}
+
+    def codes_of(self, ae: AAE, split: str) -> tuple[np.ndarray, np.ndarray]:
+        zs, ys = zip(*((ae.encode(self.to_device(x)).z.float().cpu().numpy(), y.numpy()) for x, y in self.stream(split, 1, 0).iter_epoch(0)))
+        return np.concatenate(zs), np.concatenate(ys)
 
     # ---- prior match -------------------------------------------------------------------------
     def prior_match(self, codes: torch.Tensor) -> float:
@@ -203,3 +230,53 @@ def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
         kxx, kyy, kxy = torch.exp(-xx / h), torch.exp(-yy / h), torch.exp(-xy / h)
         total += float((kxx.sum() - n) / (n * (n - 1)) + (kyy.sum() - m) / (m * (m - 1)) - 2 * kxy.mean())
     return total
+
+
+# ---- the plain autoencoder baseline ------------------------------------------------------------
+
+def plain_autoencoder_config(cfg: Config, k: int) -> Config:
+    """The run's networks as a plain autoencoder: its z as wide as the run's y and z together, the same
+    input noise and dropout, reconstruction only (no adversary, no y terms)."""
+    c = Config.model_validate(cfg.to_dict())
+    c.model.variant, c.model.latent_dim, c.model.num_classes = "basic", cfg.model.latent_dim + k, None
+    return c
+
+
+def train_plain_autoencoder(cfg: Config, aae: AAE, manifest, path: str, steps: int) -> AAE:
+    """Reconstruction alone with the reconstruction phase's Adam, learning rate steps and batch, for `steps`
+    steps over the training split (one process: it runs on rank 0 after the run)."""
+    c = plain_autoencoder_config(cfg, aae.num_classes)
+    torch.manual_seed(seeds.evaluation(cfg.train.seed))
+    ae = AAE(c.model, c.prior, aae.shape, manifest.dtype, 0).to(aae.device)
+    params = [p for n in ("encoder", "decoder") for p in ae.nets[n].parameters()]
+    rc = cfg.phases.reconstruction
+    opt = torch.optim.Adam(params, lr=rc.lr, betas=(rc.beta1, rc.beta2))
+    data = ShardStream(path, "train", cfg.data.batch_size, seed=cfg.train.seed, drop_last=True, manifest=manifest)
+    edges = [e * len(data) for e in rc.decay_epochs]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: rc.decay ** sum(s >= e for e in edges))
+    g = torch.Generator(device=aae.device).manual_seed(seeds.evaluation(cfg.train.seed))
+    step, epoch = 0, 0
+    for n in ("encoder", "decoder"):
+        ae.nets[n].train()
+    while step < steps:
+        for x, _ in data.iter_epoch(epoch):
+            x = ae.normalise(x)
+            loss = ae.reconstruction_error(ae.nets["decoder"](ae.nets["encoder"](x, generator=g).z), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    return ae.eval()
+
+
+def load_plain_autoencoder(cfg: Config, aae: AAE, url: str) -> AAE:
+    c = plain_autoencoder_config(cfg, aae.num_classes)
+    ae = AAE(c.model, c.prior, aae.shape, aae.dtype, 0)
+    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    for n in ("encoder", "decoder"):
+        ae.nets[n].load_state_dict(state[n])
+    return ae.to(aae.device).eval()

@@ -24,16 +24,17 @@ def representation(aae: AAE, codes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def paper_figures(aae: AAE, x: torch.Tensor, labels: np.ndarray, generator: torch.Generator, rows: int = 8) -> dict:
-    """name -> matplotlib Figure, for a batch of held-out inputs `x` (normalised) and their labels (-1: none).
-    Call under `aae.evaluating()`."""
+def paper_figures(aae: AAE, x: torch.Tensor, labels: np.ndarray, generator: torch.Generator, rows: int = 8,
+                  caption: str | None = None) -> dict:
+    """name -> matplotlib Figure, for a batch of held-out inputs `x` (normalised) and their labels (-1: none);
+    `caption` (e.g. "run NAME, step N") tops every figure.  Call under `aae.evaluating()`."""
     v = aae.variant
     codes = aae.encode(x, generator)
     shown = labels if (labels >= 0).any() else None
     prior = aae.prior.sample(len(x), generator, aae.device).float().cpu().numpy()
-    figs = {"codes": codes_figure(codes.z.float().cpu().numpy(), shown, prior)}
+    figs = {"codes": codes_figure(codes.z.float().cpu().numpy(), shown, prior, caption=caption)}
     if v.categorical and v.decoder_input != "heads":
-        figs["clusters"] = _clusters(aae, x, codes, per_row=10)
+        figs["clusters"] = _clusters(aae, x, codes, per_row=10, caption=caption)
     if v.needs_classes and v.decoder_input in ("z+label", "z+y"):
         z, _ = aae.sample_latents(rows, generator)
         k = aae.num_classes
@@ -41,15 +42,15 @@ def paper_figures(aae: AAE, x: torch.Tensor, labels: np.ndarray, generator: torc
         grid = torch.stack([aae.decode(z[i : i + 1].expand(k, -1), ys) for i in range(rows)])  # (rows, K, ...)
         imgs = np.stack([as_images(aae, g) for g in grid])
         figs["style_by_label"] = rows_figure(imgs, [f"style {i}" for i in range(rows)], "style fixed per row, label per column",
-                                             [str(c) for c in range(k)])
+                                             [str(c) for c in range(k)], caption=caption)
     if v.decoder_input == "heads":
         heads = aae.nets["decoder"].cluster_heads.float().cpu().numpy()
         figs["representation"] = scatter_figure(representation(aae, codes).cpu().numpy(), shown,
-                                                "2-D representation y @ cluster_heads + z", centres=heads)
+                                                "2-D representation y @ cluster_heads + z", centres=heads, caption=caption)
     return figs
 
 
-def _clusters(aae: AAE, x: torch.Tensor, codes, per_row: int):
+def _clusters(aae: AAE, x: torch.Tensor, codes, per_row: int, caption: str | None = None):
     """One row per cluster: its most confident images (blank where a cluster has fewer)."""
     p = torch.softmax(codes.y_logits.float(), 1)
     conf, cl = p.max(1)
@@ -62,4 +63,4 @@ def _clusters(aae: AAE, x: torch.Tensor, codes, per_row: int):
         order = members[torch.argsort(conf[members], descending=True)][:per_row].cpu().numpy()
         rows[c, : len(order)] = imgs[order]
         names.append(f"cluster {c} ({len(members)})")
-    return rows_figure(rows, names, "each cluster's most confident held-out images")
+    return rows_figure(rows, names, "each cluster's most confident held-out images", caption=caption)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from . import runfolder, storage, timeline
 from .config import Config, load_config, set_value
@@ -33,17 +35,25 @@ def ensure_default_data(cache: str = DEFAULT_DATA_CACHE) -> str:
 
 
 def resolve(args) -> Config:
-    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+    return resolve_config(getattr(args, "config", None), getattr(args, "overrides", []),
+                          **{flag: getattr(args, flag, None) for flag in ("workers", "storage", "name", "address")},
+                          gpu=getattr(args, "gpu", False))
+
+
+def resolve_config(config: str | None = None, overrides=(), base: dict | None = None, *, workers=None, storage=None, name=None,
+                   address=None, gpu: bool = False) -> Config:
+    """The run's config from plain arguments (the CLI's flags or the Python API's keywords): defaults <- base
+    <- YAML file <- overrides <- the run flags; a run without a name gets a timestamp."""
+    cfg = load_config(config, overrides, base=base)
     run = cfg.run
-    for flag in ("workers", "storage", "name", "address"):
-        value = getattr(args, flag, None)
+    for flag, value in (("workers", workers), ("storage", storage), ("name", name), ("address", address)):
         if value is not None:
             set_value(run, flag, str(value), f"--{flag}")
-    if getattr(args, "gpu", False):
+    if gpu:
         run.gpu = True
-    if run.name is None or (run.name == "" and getattr(args, "name", None) is None):
+    if run.name is None or (run.name == "" and name is None):
         run.name = time.strftime("aae-%Y%m%d-%H%M%S")
-    runfolder.check_name(run.name, "--name" if getattr(args, "name", None) is not None else "run.name")
+    runfolder.check_name(run.name, "--name" if name is not None else "run.name")
     return cfg
 
 
@@ -58,6 +68,12 @@ def preflight(cfg: Config) -> None:
 
         if cfg.run.address is None and not torch.cuda.is_available():
             raise UserError("--gpu given but no CUDA GPU is visible here: drop --gpu or run on a GPU node (--address)")
+    if cfg.train.precision == "bf16" and not cfg.run.gpu and cfg.run.address is None:  # local CPU workers: refuse before any starts
+        import torch
+
+        from .training.precision import autocast_dtype
+
+        autocast_dtype(cfg.train, torch.device("cpu"))
     m = read_manifest(cfg.data.path)
     train = m.split("train", cfg.data.path)
     world = max(1, hi)
@@ -88,6 +104,9 @@ def preflight(cfg: Config) -> None:
     from .models.networks import build_networks
 
     build_networks(cfg.model, tuple(m.shape), k)
+    from .training.trackers import check as check_trackers
+
+    check_trackers(cfg)  # log.mlflow / log.wandb: their clients are installed
 
 
 def run_exists(run_url: str) -> bool:
@@ -121,11 +140,64 @@ def check_flags(cfg: Config, run_url: str, resume: bool, overwrite: bool) -> boo
     return exists
 
 
+@dataclass
+class Outcome:
+    """What one `train` did: its exit status, summary.json's content (None when nothing ran) and its run folder."""
+
+    code: int
+    summary: dict | None
+    run_url: str | None
+
+
+FAST_DEV_STEPS = 3  # --fast-dev-run: steps of the throwaway run
+FAST_DEV_PARZEN = 100  # and decoded samples of its Parzen estimate (not 10,000)
+
+
 def train_from_cli(args, started_at: float | None = None) -> int:
     started_at = time.time() if started_at is None else started_at
     timeline.reset()
     timeline.mark("start", started_at)
-    cfg = resolve(args)
+    return run_training(resolve(args), resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+                        dry_run=getattr(args, "dry_run", False), verbose=getattr(args, "verbose", False),
+                        fast_dev_run=getattr(args, "fast_dev_run", False), started_at=started_at).code
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False, verbose: bool = False,
+                 fast_dev_run: bool = False, started_at: float | None = None) -> Outcome:
+    """`aae-dist train` and `aae_dist.train()` alike: pre-flight, config.json, the lease, Ray or in-process."""
+    started_at = time.time() if started_at is None else started_at
+    if fast_dev_run:
+        if resume or overwrite:
+            raise UserError("--fast-dev-run trains a throwaway run and keeps nothing: drop --resume/--overwrite")
+        throwaway = fast_dev_config(cfg)
+        try:
+            outcome = _run_training(cfg, False, False, dry_run, verbose, started_at, kept=False)
+        finally:
+            with contextlib.suppress(Exception):  # a throwaway folder left behind must not hide why the run failed
+                storage.remove(throwaway)
+        return Outcome(outcome.code, outcome.summary, None)
+    return _run_training(cfg, resume, overwrite, dry_run, verbose, started_at)
+
+
+def fast_dev_config(cfg: Config) -> str:
+    """Lightning's fast_dev_run: a few steps, no checkpoint before the last, a tiny evaluation, in a folder
+    of its own (returned, to be removed afterwards) so no existing run is touched."""
+    import tempfile
+    import uuid
+
+    t = cfg.train
+    t.max_steps = min(t.max_steps or FAST_DEV_STEPS, FAST_DEV_STEPS)
+    t.checkpoint_every = t.image_every = FAST_DEV_STEPS
+    t.parzen_samples = min(t.parzen_samples, FAST_DEV_PARZEN)
+    if storage.is_local(cfg.run.storage) and not cfg.run.address:
+        cfg.run.storage = tempfile.mkdtemp(prefix="aae-fast-dev-run-")
+    else:  # workers elsewhere must reach it: beside the real runs, under a fresh name
+        cfg.run.storage = storage.join(cfg.run.storage, f"fast-dev-run-{uuid.uuid4().hex[:12]}")
+    return cfg.run.storage
+
+
+def _run_training(cfg: Config, resume: bool, overwrite: bool, dry_run: bool, verbose: bool, started_at: float,
+                  kept: bool = True) -> Outcome:
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
     storage_url = cfg.run.storage
@@ -134,25 +206,24 @@ def train_from_cli(args, started_at: float | None = None) -> int:
         cfg.run.storage = storage_url
     runfolder.check_storage(storage_url)
     run_url = storage.join(storage_url, cfg.run.name)
-    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     exists = check_flags(cfg, run_url, resume, overwrite)
     preflight(cfg)
     if resume:
         check_resume(run_url, cfg)
-    verbose = getattr(args, "verbose", False)
     if cfg.run.uses_ray:
         check_feasible(cfg, verbose)
-    if getattr(args, "dry_run", False):
+    if dry_run:
         print(plan(cfg, run_url, exists and not resume))
-        return 0
+        return Outcome(0, None, None)
     lease = runfolder.Lease(run_url, cfg.run.name).acquire()  # one owner from here on
     try:
-        return _train_holding_lease(cfg, run_url, resume, overwrite, started_at, verbose)
+        return _train_holding_lease(cfg, run_url, resume, overwrite, started_at, verbose, kept)
     finally:
         lease.release()
 
 
-def _train_holding_lease(cfg: Config, run_url: str, resume: bool, overwrite: bool, started_at: float, verbose: bool) -> int:
+def _train_holding_lease(cfg: Config, run_url: str, resume: bool, overwrite: bool, started_at: float, verbose: bool,
+                         kept: bool = True) -> Outcome:
     settled = runfolder.settle_aside(run_url)  # an earlier --overwrite that was killed
     if settled:
         print(f"aae-dist: an interrupted --overwrite of run '{cfg.run.name}' was settled: the {'new run was kept' if settled == 'replaced' else 'old run was put back'}",
@@ -165,13 +236,13 @@ def _train_holding_lease(cfg: Config, run_url: str, resume: bool, overwrite: boo
         runfolder.set_aside(run_url)  # --overwrite: put back if the new run fails before its first checkpoint
     timeline.mark("checked")
     try:
-        return _start(cfg, run_url, started_at, verbose)
+        return _start(cfg, run_url, started_at, verbose, kept)
     finally:
         if exists and not resume:
             runfolder.settle_aside(run_url)  # the old run goes once the new one has a checkpoint; else it is put back
 
 
-def _start(cfg: Config, run_url: str, started_at: float, verbose: bool) -> int:
+def _start(cfg: Config, run_url: str, started_at: float, verbose: bool, kept: bool = True) -> Outcome:
     if cfg.run.uses_ray:
         connect_ray(cfg.run.address, verbose)
         timeline.mark("ray_started")
@@ -191,12 +262,12 @@ def _start(cfg: Config, run_url: str, started_at: float, verbose: bool) -> int:
     if summary and summary.get("stop_reason") == "interrupted":
         interrupt.clear_marker(run_url)
         print(f"aae-dist: interrupted at step {summary['steps']}: checkpoint saved; continue with --resume --name {cfg.run.name}", file=sys.stderr)
-        return 130
+        return Outcome(130, summary, run_url)
     if summary:
-        print(final_table(summary, dict(variant(cfg.model.variant).paper), run_url, storage.redact))
+        print(final_table(summary, dict(variant(cfg.model.variant).paper), run_url, storage.redact, kept=kept))
         if logs:
             print(f"Ray's logs (workers' output included): {logs}")
-    return 0
+    return Outcome(0, summary, run_url)
 
 
 def cpus_per_worker(cfg: Config) -> int:
@@ -288,6 +359,24 @@ def ray_storage(url: str) -> dict:
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of reported checkpoints, in the run folder
+
+
+def ray_checkpoint_config(cfg: Config):
+    """Ray deletes no checkpoint (num_to_keep=None): aae-dist prunes its own folders (train.keep_checkpoints,
+    train.keep_best).  Ray ranks `Result.best_checkpoints` by train.keep_best."""
+    from ray.train import CheckpointConfig
+
+    best = cfg.train.keep_best
+    return CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=best, checkpoint_score_order=cfg.train.keep_best_mode if best else "max")
+
+
+def forget_ray_snapshot(run_url: str) -> None:
+    """Ray refuses to start a run whose snapshot names a checkpoint aae-dist has since pruned (or set aside on
+    --overwrite); aae-dist resumes from its own run folder, so each launch starts Ray's list anew."""
+    storage.remove(storage.join(run_url, RAY_SNAPSHOT), recursive=False)
+
+
 def torch_trainer(cfg: Config, run_url: str, started_at: float, board=None, callbacks=()):
     """The Ray Train trainer of one run (also one sweep trial's): cfg.run says how many workers, where."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -298,6 +387,7 @@ def torch_trainer(cfg: Config, run_url: str, started_at: float, board=None, call
     lo, hi = cfg.run.worker_range
     cpus = cpus_per_worker(cfg)
     cfg.run.cpus_per_worker = cpus
+    forget_ray_snapshot(run_url)  # called right before fit()
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url, "started_at": started_at, "board": board,
@@ -312,6 +402,7 @@ def torch_trainer(cfg: Config, run_url: str, started_at: float, board=None, call
             name=cfg.run.name,
             **ray_storage(cfg.run.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),  # checkpoints: kept by aae-dist in the run folder
+            checkpoint_config=ray_checkpoint_config(cfg),
             callbacks=list(callbacks),
         ),
     )

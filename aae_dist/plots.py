@@ -28,18 +28,34 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
     return grid
 
 
-def project_2d(points: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], str]:
-    """2-D codes as they are; higher-dimensional ones through the first two principal axes of `points`."""
+PRIOR_COLOUR = "black"  # prior samples: a colour no label has (tab10 has a grey, label 7's)
+
+
+def project_2d(points: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], tuple[str, str]]:
+    """2-D codes as they are; higher-dimensional ones through the first two principal axes of `points`.
+    Returns the points and the (x, y) axis labels."""
     if points.shape[1] == 2:
-        return [points, *others], "z1 / z2"
+        return [points, *others], ("z1", "z2")
     if points.shape[1] == 1:
-        return [np.c_[p, np.zeros(len(p))] for p in (points, *others)], "z1"
+        return [np.c_[p, np.zeros(len(p))] for p in (points, *others)], ("z1", "")
     mean = points.mean(0)
     _, _, vt = np.linalg.svd(points - mean, full_matrices=False)
-    return [(p - mean) @ vt[:2].T for p in (points, *others)], "principal axes 1 / 2"
+    return [(p - mean) @ vt[:2].T for p in (points, *others)], ("principal axis 1", "principal axis 2")
 
 
-def codes_figure(codes: np.ndarray, labels: np.ndarray | None, prior: np.ndarray, title: str = "codes of held-out data"):
+def _label_axes(ax, names: tuple[str, str]) -> None:
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+
+
+def _caption(fig, caption: str | None) -> None:
+    """Which run and step a picture shows, above it (a PNG or a TensorBoard image travels without its folder)."""
+    if caption:
+        fig.suptitle(caption, fontsize=10)
+
+
+def codes_figure(codes: np.ndarray, labels: np.ndarray | None, prior: np.ndarray, title: str = "codes of held-out data",
+                 caption: str | None = None):
     """Paper Fig. 2/4: the codes of held-out data coloured by label, beside samples from the prior."""
     plt = _plt()
     (pts, pri), axes_name = project_2d(codes, prior)
@@ -47,17 +63,18 @@ def codes_figure(codes: np.ndarray, labels: np.ndarray | None, prior: np.ndarray
     sc = a.scatter(pts[:, 0], pts[:, 1], c=labels if labels is not None else "tab:blue", cmap="tab10", s=4,
                    vmin=-0.5, vmax=9.5)
     a.set_title(title)
-    b.scatter(pri[:, 0], pri[:, 1], s=4, c="tab:gray")
+    b.scatter(pri[:, 0], pri[:, 1], s=4, c=PRIOR_COLOUR)
     b.set_title("samples from the prior")
     for ax in (a, b):
-        ax.set_xlabel(axes_name.split(" / ")[0])
-        ax.set_ylabel(axes_name.split(" / ")[-1])
+        _label_axes(ax, axes_name)
     if labels is not None:
         fig.colorbar(sc, ax=[a, b], ticks=range(10), label="label")
+    _caption(fig, caption)
     return fig
 
 
-def scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str, centres: np.ndarray | None = None):
+def scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str, centres: np.ndarray | None = None,
+                   caption: str | None = None):
     """A 2-D representation coloured by label (paper Fig. 9/10), with optional centres marked."""
     plt = _plt()
     (pts,), axes_name = project_2d(points)
@@ -67,14 +84,14 @@ def scatter_figure(points: np.ndarray, labels: np.ndarray | None, title: str, ce
         ax.scatter(centres[:, 0], centres[:, 1], marker="x", c="k", s=40, label="cluster heads")
         ax.legend(loc="upper right")
     ax.set_title(title)
-    ax.set_xlabel(axes_name.split(" / ")[0])
-    ax.set_ylabel(axes_name.split(" / ")[-1])
+    _label_axes(ax, axes_name)
     if labels is not None:
         fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
+    _caption(fig, caption)
     return fig
 
 
-def rows_figure(rows: np.ndarray, row_names: list[str], title: str, col_names: list[str] | None = None):
+def rows_figure(rows: np.ndarray, row_names: list[str], title: str, col_names: list[str] | None = None, caption: str | None = None):
     """(R, K, C, H, W) images in [0,1] as R labelled rows of K (paper Fig. 6-8)."""
     plt = _plt()
     r, k, c, h, w = rows.shape
@@ -87,6 +104,7 @@ def rows_figure(rows: np.ndarray, row_names: list[str], title: str, col_names: l
     else:
         ax.set_xticks([])
     ax.set_title(title)
+    _caption(fig, caption)
     return fig
 
 

@@ -91,6 +91,7 @@ class Manifest:
     source: str = ""
     class_names: list[str] | None = None
     version: int = FORMAT_VERSION
+    table: dict | None = None  # a table dataset's columns and their transforms (data/tables.py); None for images
 
     @property
     def sample_bytes(self) -> int:
@@ -125,6 +126,8 @@ class Manifest:
                 for name, sp in self.splits.items()
             },
         }
+        if self.table is not None:
+            doc["table"] = self.table
         return json.dumps(doc, indent=1)
 
     @classmethod
@@ -265,8 +268,13 @@ def _parse_manifest(doc) -> Manifest:
     class_names = doc.get("class_names")
     if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
         raise ValueError("'class_names' is not a list of strings")
+    table = None
+    if doc.get("table") is not None:
+        from .tables import check_table_spec
+
+        table = check_table_spec(doc["table"], math.prod(shape))
     return Manifest(dtype=str(doc["dtype"]), shape=shape, labels=doc["labels"], num_classes=_whole(doc["num_classes"], "'num_classes'", 0),
-                    splits=splits, source=str(doc.get("source", "")), class_names=class_names, version=version)
+                    splits=splits, source=str(doc.get("source", "")), class_names=class_names, version=version, table=table)
 
 
 def read_manifest(url: str) -> Manifest:

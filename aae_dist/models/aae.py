@@ -23,10 +23,15 @@ def output_likelihood(setting: str, dtype: str) -> str:
 
 
 class AAE:
-    def __init__(self, model: ModelConfig, prior: PriorConfig, shape: tuple[int, ...], dtype: str, num_classes: int):
+    def __init__(self, model: ModelConfig, prior: PriorConfig, shape: tuple[int, ...], dtype: str, num_classes: int, table: dict | None = None):
         self.cfg, self.variant = model, variant(model.variant)
         self.shape, self.dtype, self.num_classes = tuple(shape), dtype, num_classes
         self.output = output_likelihood(model.output, dtype)
+        self.rows = None  # a table's per-column heads (models/rows.py): they replace the pixel likelihood
+        if table is not None:
+            from .rows import RowLayout
+
+            self.rows, self.output = RowLayout(table), "rows"
         self.scale = 255.0 if dtype == "uint8" else 1.0
         self.nets: dict[str, nn.Module] = build_networks(model, self.shape, num_classes)
         self.prior = build_prior(prior, model.latent_dim)
@@ -83,12 +88,16 @@ class AAE:
         return self.nets["decoder"](z, y)
 
     def to_pixels(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.to_encoded(logits)
         return torch.sigmoid(logits) if self.output == "bernoulli" else logits
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.to_pixels(self.decode_logits(z, y))
 
     def reconstruction_error(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.loss(logits, x)
         return reconstruction_error(self.output, logits, x)
 
     def displayable(self, pixels):

@@ -64,6 +64,16 @@ class Encoder(nn.Module):
         self.num_y = num_classes if variant(cfg.variant).categorical else 0
         self.latent_dim = cfg.latent_dim
         self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
+        width = self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
+        self.input_noise, self.input_dropout = cfg.input_noise, cfg.input_dropout
+        self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
+        if cfg.encoder.class_path:  # the user's network maps x straight to the head's outputs
+            if self.noise_dim:
+                raise UserError("model.posterior=universal feeds noise inside the built-in encoder, not into model.encoder.class_path: "
+                                "use model.posterior=deterministic or gaussian with your own encoder")
+            self.trunk = build_own(cfg.encoder, "encoder", {"in_shape": tuple(shape), "out_features": width}, (2, *shape), [(2, width)])
+            self.body, self.head = nn.Identity(), nn.Identity()
+            return
         if cfg.kind == "conv":
             self.trunk = ConvTrunk(shape[0], cfg.conv_channels, shape[1], shape[2])
             feat = self.trunk.out_features
@@ -71,13 +81,10 @@ class Encoder(nn.Module):
             self.trunk = nn.Flatten()
             feat = int(math.prod(shape))
         hidden = cfg.encoder_hidden or cfg.hidden
-        self.input_noise, self.input_dropout = cfg.input_noise, cfg.input_dropout
         self.body = mlp([feat + self.noise_dim] + list(hidden), final_activation=True, batch_norm=cfg.batch_norm)
         # one head for y, z (and log-variance): every phase that uses the encoder uses all its parameters
-        width = self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
         self.head = nn.Linear(hidden[-1], width)
         # batch norm on the y and z outputs (the paper's clustering encoder): it keeps the y logits large enough for a sharp softmax
-        self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, corrupt: bool = True) -> Codes:
         if self.training and corrupt:  # input noise and dropout, training only, drawn from the step's generator (exact resume)
@@ -113,7 +120,10 @@ class Decoder(nn.Module):
         self.cluster_heads = nn.Parameter(torch.randn(num_classes, cfg.latent_dim) * 1.0) if reads == "heads" else None
         in_dim = cfg.latent_dim + (num_classes if self.joins_y else 0)
         hidden = cfg.decoder_hidden or cfg.hidden
-        if cfg.kind == "conv":
+        if cfg.decoder.class_path:
+            self.up = None
+            self.body = build_own(cfg.decoder, "decoder", {"in_features": in_dim, "out_shape": self.shape}, (2, in_dim), [(2, *self.shape)])
+        elif cfg.kind == "conv":
             f = 2 ** len(cfg.conv_channels)
             self.base = (cfg.conv_channels[-1], shape[1] // f, shape[2] // f)
             layers: list[nn.Module] = []
@@ -144,10 +154,14 @@ class Decoder(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig, in_dim: int):
         super().__init__()
-        self.net = mlp([in_dim] + list(cfg.disc_hidden) + [1])
+        if cfg.discriminator.class_path:
+            self.net = build_own(cfg.discriminator, "discriminator", {"in_features": in_dim}, (2, in_dim), [(2, 1), (2,)])
+        else:
+            self.net = mlp([in_dim] + list(cfg.disc_hidden) + [1])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).squeeze(1)
+        out = self.net(z)
+        return out.squeeze(1) if out.dim() == 2 else out
 
 
 def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 0) -> dict[str, nn.Module]:
@@ -183,3 +197,65 @@ def init_weights(net: nn.Module, std: float) -> None:
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, std)
             nn.init.zeros_(m.bias)
+
+
+# ---- a user's own networks (model.encoder / decoder / discriminator: {class_path, init_args}) ----------------
+
+def own_class(path: str, key: str) -> type:
+    """The class a config names, imported; anything else is one line naming the key."""
+    import importlib
+
+    where = f"model.{key}.class_path {path!r}"
+    module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise UserError(f"{where}: expected a dotted path pkg.module.Class")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except Exception as exc:  # noqa: BLE001 - an import error of any kind is the user's to fix
+        raise UserError(f"{where}: cannot import {module} ({type(exc).__name__}: {exc}): install it, put it on PYTHONPATH, or ship it "
+                        "with aae-dist submit --py-modules PATH") from None
+    if found is None:
+        raise UserError(f"{where}: module {module} has no {name}: check the class name")
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise UserError(f"{where} is not a torch.nn.Module subclass: name a network class")
+    return found
+
+
+def build_own(spec, key: str, shapes: dict, dummy: tuple, expected: list[tuple]) -> nn.Module:
+    """The user's network, given the shapes its constructor declares (in_shape, in_features, out_shape,
+    out_features) unless init_args sets them, and checked on a dummy batch against the variant's contract:
+    a mismatch is found here, at pre-flight, not deep in a worker."""
+    import inspect
+
+    cls = own_class(spec.class_path, key)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: v for k, v in shapes.items() if k in params and k not in spec.init_args}
+    name = f"model.{key} ({spec.class_path})"
+    try:
+        net = cls(**kwargs, **spec.init_args)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{name} cannot be built with init_args {spec.init_args} (+ {sorted(kwargs)} from aae-dist): "
+                        f"{type(exc).__name__}: {exc}") from None
+    check_own(net, name, dummy, expected)
+    return net
+
+
+def check_own(net: nn.Module, name: str, dummy: tuple, expected: list[tuple]) -> None:
+    """One forward of zeros in eval mode (no batch-norm statistics move; lazy layers take their size)."""
+    shown = " or ".join(str(e) for e in expected)
+    mode = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(dummy))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{name} fails on a dummy batch of shape {dummy} (expected output {shown}): {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+    finally:
+        net.train(mode)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got not in expected:
+        raise UserError(f"{name} gives shape {got} for a dummy batch of shape {dummy}; expected {shown}: fix its init_args or its forward")

@@ -1,0 +1,102 @@
+"""Adaptive VAT radius: each training sample's distance to its k-th nearest training sample, computed once
+per dataset and stored in the run folder (`vat_radius.npz`, plain arrays, no pickle), so a resumed run
+reuses it.  The data stream yields no sample index, so samples are found again by a fingerprint of their
+(normalised) values: an exact integer hash of the float bits, the same on every device and batch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..errors import UserError
+
+FILE = "vat_radius.npz"
+EXACT_LIMIT = 20_000  # up to this many samples the search is exact; above, neighbours come from a sample of this size
+
+
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """One int64 per sample: the float32 bits times fixed odd weights, summed with wrap-around (exact, order-free)."""
+    bits = x.detach().float().flatten(1).contiguous().view(torch.int32).long()
+    g = torch.Generator().manual_seed(20170226)
+    w = (torch.randint(1, 2**62, (bits.shape[1],), generator=g) | 1).to(x.device)
+    return (bits * w).sum(1)
+
+
+def kth_distances(chunk: torch.Tensor, reference: torch.Tensor, k: int, self_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean distance of each row of chunk to its k-th nearest row of reference; self_index[i] (or -1)
+    is row i's own position in reference, left out of its search."""
+    sq = ((chunk**2).sum(1, keepdim=True) + (reference**2).sum(1)[None] - 2 * chunk @ reference.T).clamp_min(0)
+    if self_index is not None:
+        own = self_index >= 0
+        sq[own.nonzero().squeeze(1), self_index[own]] = float("inf")
+    return sq.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+
+
+def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(fingerprints, radii, facts) for the n samples `batches()` yields (a fresh iterator per call, same
+    order each time).  n <= limit: exact, against every other sample.  Above: against a seeded random
+    reference of `limit` samples with k scaled by limit / n (the k-th neighbour among n is about the
+    (k limit / n)-th among a uniform sample of limit), so the cost is n x limit, not n^2."""
+    exact = n <= limit
+    pick = np.arange(n) if exact else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+    k_used = k if exact else max(1, round(k * limit / n))
+    where = np.full(n, -1, dtype=np.int64)
+    where[pick] = np.arange(len(pick))
+    reference, seen = [], 0
+    for x in batches():
+        rows = np.arange(seen, seen + len(x))
+        keep = where[rows] >= 0
+        reference.append(x.flatten(1).double()[torch.from_numpy(keep)])
+        seen += len(x)
+    reference = torch.cat(reference)
+    if len(reference) <= k_used:
+        raise UserError(f"phases.reconstruction.vat_neighbours={k} needs more than {k_used} training samples, the data has {n}: lower it")
+    keys, radii, seen = [], [], 0
+    for x in batches():
+        flat = x.flatten(1).double()
+        for i in range(0, len(flat), chunk):
+            rows = np.arange(seen + i, seen + i + len(flat[i : i + chunk]))
+            radii.append(kth_distances(flat[i : i + chunk], reference, k_used, torch.from_numpy(where[rows])))
+        keys.append(fingerprint(x))
+        seen += len(x)
+    keys, radii = torch.cat(keys).numpy(), torch.cat(radii).float().numpy()
+    order = np.argsort(keys, kind="stable")
+    return keys[order], radii[order], {"exact": exact, "k": k, "k_used": k_used, "reference": len(reference), "samples": n}
+
+
+class RadiusTable:
+    """radius(x): each sample's stored neighbour distance; a sample not in the table (never, for training
+    batches) gets the median."""
+
+    def __init__(self, keys: np.ndarray, radii: np.ndarray, device):
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys)).to(device)
+        self.radii = torch.from_numpy(np.ascontiguousarray(radii)).to(device)
+        self.median = self.radii.median()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        f = fingerprint(x)
+        pos = torch.searchsorted(self.keys, f).clamp_max(len(self.keys) - 1)
+        return torch.where(self.keys[pos] == f, self.radii[pos], self.median)
+
+
+def to_bytes(keys: np.ndarray, radii: np.ndarray, facts: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, keys=keys, radii=radii, **{f"fact_{k}": np.asarray(v) for k, v in facts.items()})
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes, url: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stored table, checked: int64 keys sorted, finite non-negative radii of the same length."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            keys, radii = f["keys"], f["radii"]
+    except (ValueError, KeyError, OSError) as exc:
+        raise UserError(f"{storage.redact(url)} is not a VAT radius table ({exc}): delete it and resume (it is recomputed)") from None
+    ok = (keys.dtype == np.int64 and radii.dtype == np.float32 and keys.shape == radii.shape and keys.ndim == 1 and len(keys)
+          and np.all(np.diff(keys) >= 0) and np.isfinite(radii).all() and (radii >= 0).all())
+    if not ok:
+        raise UserError(f"{storage.redact(url)} is not a valid VAT radius table: delete it and resume (it is recomputed)")
+    return keys, radii

@@ -1,0 +1,186 @@
+"""Issue 26: the information term on y, the adaptive VAT radius, fair clustering baselines."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aae_dist.config import load_config
+from aae_dist.training.multiprocess import run_processes
+from conftest import SMALL_MODEL, read_summary
+
+K = 4
+
+
+def info_loss(logits: torch.Tensor, mu: float = 4.0) -> torch.Tensor:
+    from aae_dist.training.phases import entropy_terms
+
+    cond, marg = entropy_terms(logits)
+    return cond - mu * marg
+
+
+def test_information_term_value_on_hand_made_batches():
+    """Balanced confident y: H(y|x) = 0, H(mean y) = log K; collapsed y: both 0; uniform y: H(y|x) = log K."""
+    from aae_dist.training.phases import entropy_terms
+
+    balanced = 30.0 * torch.eye(K).repeat(3, 1)
+    collapsed = 30.0 * torch.eye(K)[[0] * 12]
+    cond, marg = entropy_terms(balanced)
+    assert cond.item() == pytest.approx(0.0, abs=1e-6) and marg.item() == pytest.approx(math.log(K), abs=1e-5)
+    cond, marg = entropy_terms(collapsed)
+    assert cond.item() == pytest.approx(0.0, abs=1e-6) and marg.item() == pytest.approx(0.0, abs=1e-5)
+    cond, marg = entropy_terms(torch.zeros(12, K))
+    assert cond.item() == pytest.approx(math.log(K), abs=1e-6) and marg.item() == pytest.approx(math.log(K), abs=1e-6)
+    assert info_loss(balanced).item() < info_loss(collapsed).item()
+
+
+def test_information_term_gradient_matches_finite_differences_and_spreads_a_collapsed_batch():
+    torch.manual_seed(0)
+    logits = (torch.randn(6, K) + 3 * torch.eye(K)[[0] * 6]).requires_grad_(True)  # mostly class 0
+    (grad,) = torch.autograd.grad(info_loss(logits), logits)
+    h = 1e-3
+    for i, j in [(0, 0), (2, 1), (5, 3)]:
+        e = torch.zeros_like(logits)
+        e[i, j] = h
+        fd = (info_loss(logits.detach() + e) - info_loss(logits.detach() - e)).item() / (2 * h)
+        assert grad[i, j].item() == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    assert (grad[:, 0] > 0).all()  # descent lowers the crowded class in every sample
+    from aae_dist.training.phases import entropy_terms
+
+    assert entropy_terms(logits.detach() - 0.5 * grad)[1] > entropy_terms(logits.detach())[1]  # the marginal spreads
+
+
+def _global_batch_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        x, theta = torch.randn(8, 3), torch.randn(3, K, requires_grad=True)
+        mine = x[rank * 4 : rank * 4 + 4]  # each rank its half of the global batch
+        loss = info_loss(mine @ theta)
+        loss.backward()
+        dist.all_reduce(theta.grad)
+        theta.grad /= world  # what DDP does with the ranks' gradients
+        np.save(os.path.join(out, f"rank{rank}.npy"), np.concatenate([[loss.item()], theta.grad.numpy().ravel()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_information_term_marginal_is_over_the_global_batch(tmp_path):
+    """2 gloo processes with half a batch each: DDP's mean gradient equals one process's on the whole batch;
+    the marginal entropy's value is the global one."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_global_batch_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    x, theta = torch.randn(8, 3), torch.randn(3, K, requires_grad=True)
+    from aae_dist.training.phases import entropy_terms
+
+    halves = [entropy_terms(x[i : i + 4] @ theta) for i in (0, 4)]
+    whole = entropy_terms(x @ theta)
+    (grad,) = torch.autograd.grad(info_loss(x @ theta), theta)
+    for r in range(2):
+        got = np.load(tmp_path / f"rank{r}.npy")
+        assert got[0] == pytest.approx((halves[r][0] - 4.0 * whole[1]).item(), abs=1e-5)
+        np.testing.assert_allclose(got[1:], grad.numpy().ravel(), rtol=1e-4, atol=1e-6)
+
+
+# ---- adaptive VAT radius ---------------------------------------------------------------------
+
+def brute_force_kth(x: np.ndarray, k: int) -> np.ndarray:
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, 1)[:, k - 1]
+
+
+def _batches(x: torch.Tensor, size: int):
+    return lambda: (x[i : i + size] for i in range(0, len(x), size))
+
+
+def test_adaptive_radius_matches_a_brute_force_neighbour_search():
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((300, 1, 4, 4), dtype=np.float32))
+    keys, radii, facts = neighbours.compute(_batches(x, 64), 300, k=10, seed=0, chunk=50)
+    assert facts["exact"] and facts["k_used"] == 10
+    table = neighbours.RadiusTable(keys, radii, "cpu")
+    want = brute_force_kth(x.flatten(1).double().numpy(), 10)
+    perm = torch.from_numpy(rng.permutation(300))
+    np.testing.assert_allclose(table(x[perm]).numpy(), want[perm.numpy()], rtol=1e-5)  # found again in any order
+
+
+def test_adaptive_radius_on_a_sample_for_large_data_is_close():
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.random((1200, 8), dtype=np.float32))
+    keys, radii, facts = neighbours.compute(_batches(x, 100), 1200, k=20, seed=0, limit=400)
+    assert not facts["exact"] and facts["reference"] == 400 and facts["k_used"] == 7
+    want = brute_force_kth(x.double().numpy(), 20)
+    got = neighbours.RadiusTable(keys, radii, "cpu")(x).numpy()
+    assert abs(np.median(got / want) - 1) < 0.1 and np.corrcoef(got, want)[0, 1] > 0.8
+
+
+def test_batch_norm_statistics_frozen_in_the_vat_pass():
+    from aae_dist.training.phases import batch_stats_frozen
+
+    bn = torch.nn.BatchNorm1d(3).train()
+    with batch_stats_frozen([bn]):
+        out = bn(torch.randn(8, 3) * 5 + 2)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    assert out.mean(0).abs().max() < 1e-5  # the batch's own statistics normalised it
+    bn(torch.randn(8, 3) + 2)
+    assert bn.running_mean.abs().sum() > 0  # and they are tracked again afterwards
+
+
+IMSAT = ["model.variant=clustering", f"model.num_classes={K}", "model.batch_norm=true", "train.parzen_samples=0",
+         "phases.reconstruction.vat=1.0", "phases.reconstruction.vat_alpha=0.25", "phases.reconstruction.vat_neighbours=5",
+         "phases.reconstruction.info=0.1"]
+
+
+def test_imsat_terms_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
+    data, _, _ = make_dataset(400, 100)
+    base = SMALL_MODEL + IMSAT + [f"data.path={data}", "train.checkpoint_every=5"]
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
+    table = tmp_path / "split" / "vat_radius.npz"
+    stamp = table.stat().st_mtime_ns
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
+    whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
+    assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    assert table.stat().st_mtime_ns == stamp  # reused on resume, not recomputed
+    with np.load(table, allow_pickle=False) as f:
+        assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
+
+
+# ---- fair baselines ----------------------------------------------------------------------------
+
+def test_autoencoder_kmeans_baseline_in_summary_and_eval(tmp_path, make_dataset):
+    """train.autoencoder_baseline: k-means on a plain autoencoder's codes, scored both ways, beside k-means on
+    pixels; the autoencoder is stored with the run and `aae-dist eval` scores the same one again."""
+    from aae_dist.inference import evaluate
+    from aae_dist.training.trainer import train_in_process
+
+    data, _, _ = make_dataset(400, 100)
+    cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "model.variant=clustering", f"model.num_classes={K}",
+                                           "train.max_steps=8", "train.parzen_samples=0", "train.autoencoder_baseline=true"])
+    run = tmp_path / "run"
+    base = train_in_process(cfg, str(run))["baselines"]
+    for key in ("autoencoder_kmeans_cluster_error", "autoencoder_kmeans_cluster_error_majority", "kmeans_cluster_error"):
+        assert 0.0 <= base[key] <= 1.0, key
+    assert (run / "baseline_autoencoder.pt").exists()
+    again = evaluate(str(run), None, "test")["baselines"]
+    assert again["autoencoder_kmeans_cluster_error"] == base["autoencoder_kmeans_cluster_error"]
+    assert again["autoencoder_kmeans_cluster_error_majority"] == base["autoencoder_kmeans_cluster_error_majority"]

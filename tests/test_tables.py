@@ -1,0 +1,223 @@
+"""Tables (issue 25): shard parquet:/csv: sources (local and S3), train a row model in-process and on 2 DDP
+workers, resume exactly, generate Parquet and CSV in the source's schema, the report's scores, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from aae_dist.cli import main
+from conftest import SMALL_MODEL, read_summary
+from test_bad_input_matrix import tree_digest
+
+NULL_COLUMNS = {"alcohol": 0.15, "magnesium": 0.1}
+
+
+def wine_table(seed: int = 0) -> pa.Table:
+    """scikit-learn's wine table (178 rows), with nulls in two columns, an integer column and a text target."""
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for i, name in enumerate(d.feature_names):
+        v = d.data[:, i]
+        mask = rng.random(len(v)) < NULL_COLUMNS.get(name, 0.0)
+        cols[name] = pa.array(np.rint(v).astype(np.int64) if name == "magnesium" else v, mask=mask)
+    cols["cultivar"] = pa.array(np.array(d.target_names)[d.target].tolist())
+    return pa.table(cols)
+
+
+def shard(*args) -> int:
+    return main(["shard", *map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    t = wine_table()
+    pq.write_table(t, root / "wine.parquet")
+    assert shard(f"parquet:{root / 'wine.parquet'}", root / "ds", "--target", "cultivar") == 0
+    return root, t
+
+
+def train_argv(root, name, data, *sets, workers="0"):
+    argv = ["train", "--workers", workers, "--storage", str(root / "runs"), "--name", name, "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + ["train.parzen_samples=0", "train.image_every=1000000", *sets]:
+        argv += ["--set", s]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def trained(tables):
+    root, _ = tables
+    assert main(train_argv(root, "sup", root / "ds", "model.variant=supervised", "train.max_steps=60")) == 0
+    return root / "runs" / "sup"
+
+
+def test_shard_parquet_infers_kinds_nulls_and_target(tables):
+    root, t = tables
+    doc = json.loads((root / "ds" / "manifest.json").read_text())
+    cols = {c["name"]: c for c in doc["table"]["columns"]}
+    assert [c["name"] for c in doc["table"]["columns"]] == t.column_names  # the source's order
+    assert cols["cultivar"]["kind"] == "categorical" and cols["cultivar"]["categories"] == ["class_1", "class_0", "class_2"]
+    assert cols["proline"]["kind"] == "continuous" and 1 <= len(cols["proline"]["means"]) <= 10
+    assert cols["magnesium"]["dtype"] == "int64" and cols["magnesium"]["nullable"]
+    assert abs(cols["alcohol"]["null_rate"] - t.column("alcohol").null_count / t.num_rows) < 1e-9
+    assert not cols["hue"]["nullable"]
+    assert doc["labels"] and doc["num_classes"] == 3 and doc["splits"]["train"]["count"] + doc["splits"]["test"]["count"] == t.num_rows
+    assert main(["verify", str(root / "ds")]) == 0
+
+
+def test_shard_csv_folder_on_s3(s3_server, tmp_path):
+    import s3fs
+
+    t = wine_table(1)
+    fs = s3fs.S3FileSystem()
+    for i, part in enumerate((t.slice(0, 100), t.slice(100))):
+        path = tmp_path / f"p{i}.csv"
+        pcsv.write_csv(part, path)
+        fs.put(str(path), f"aae-test/wine-csv/part-{i}.csv")
+    dest = "s3://aae-test/wine-ds"
+    assert shard("csv:s3://aae-test/wine-csv/", dest, "--drop", "hue", "--categorical", "magnesium", "--max-categories", "200",
+                 "--test-fraction", "0") == 0
+    doc = json.loads(fs.cat_file("aae-test/wine-ds/manifest.json"))
+    names = [c["name"] for c in doc["table"]["columns"]]
+    assert "hue" not in names and len(names) == t.num_columns - 1
+    assert {c["name"]: c["kind"] for c in doc["table"]["columns"]}["magnesium"] == "categorical"
+    assert doc["splits"]["train"]["count"] == t.num_rows and not doc["labels"]
+
+
+def test_generate_parquet_and_csv_in_the_source_schema(trained, tables, tmp_path, capsys):
+    _, t = tables
+    assert main(["generate", str(trained), "--n", "600", "--out", str(tmp_path / "pq"), "--format", "parquet", "--shard-size", "250"]) == 0
+    files = sorted(os.listdir(tmp_path / "pq"))
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    g = pa.concat_tables([pq.read_table(tmp_path / "pq" / f) for f in files])
+    assert g.schema.equals(t.schema) and g.num_rows == 600
+    assert set(g.column("cultivar").to_pylist()) <= {"class_0", "class_1", "class_2"}
+    assert 0 < g.column("alcohol").null_count / 600 < 0.6  # nulls come back (real rate 0.15; 60 steps do not reach it)
+    assert g.column("hue").null_count == 0
+    assert main(["generate", str(trained), "--n", "50", "--out", str(tmp_path / "csv"), "--format", "csv", "--label", "class_2"]) == 0
+    c = pcsv.read_csv(tmp_path / "csv" / "part-00000.csv")
+    assert c.column_names == t.column_names and c.num_rows == 50 and set(c.column("cultivar").to_pylist()) == {"class_2"}
+    capsys.readouterr()
+    assert main(["sample", str(trained), "--n", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].split()[0] == "alcohol"
+
+
+def test_eval_reports_quality_efficacy_privacy(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(trained)]) == 0
+    rep = json.loads(capsys.readouterr().out)["table"]
+    q = rep["quality"]
+    for k in ("quality_score", "column_shapes", "column_pair_trends"):
+        assert 0.3 <= q[k] <= 1.0, (k, q[k])
+    assert set(q["column_shape_scores"]) == set(wine_table().column_names)
+    e = rep["efficacy"]
+    assert 0 <= e["train_on_synthetic"]["accuracy"] <= 1 and e["train_on_real"]["accuracy"] > 0.7
+    p = rep["privacy"]
+    assert 0 <= p["synthetic_identical_to_train"] <= 1 and p["synthetic_median_dcr"] > 0
+
+
+def test_quality_of_real_rows_against_themselves_is_one(tables):
+    from aae_dist.tabular_report import quality
+
+    root, t = tables
+    cols = json.loads((root / "ds" / "manifest.json").read_text())["table"]["columns"]
+    q = quality(t, t, cols)
+    assert q["quality_score"] == pytest.approx(1.0)
+    i = t.column_names.index("hue")
+    shuffled = t.set_column(i, "hue", pa.array(np.random.default_rng(0).permutation(t.column("hue").to_numpy())))
+    q = quality(t, shuffled, cols)  # the same column, its links to the others broken
+    assert q["column_shapes"] == pytest.approx(1.0) and q["column_pair_trends"] < 0.99
+
+
+def test_basic_variant_trains_with_only_data_path_and_resumes_exactly(tables):
+    root, _ = tables
+    assert main(train_argv(root, "whole", root / "ds", "train.max_steps=12", "train.checkpoint_every=6")) == 0
+    assert main(train_argv(root, "split", root / "ds", "train.max_steps=6", "train.checkpoint_every=6")) == 0
+    assert main(train_argv(root, "split", root / "ds", "train.max_steps=12", "train.checkpoint_every=6") + ["--resume"]) == 0
+    whole, split = read_summary(root / "runs" / "whole"), read_summary(root / "runs" / "split")
+    assert split["resumed_from_step"] == 6 and split["replica_fingerprints"] == whole["replica_fingerprints"]
+
+
+def test_two_ddp_workers_train_a_table(tables, tmp_path):
+    from aae_dist.config import load_config
+    from aae_dist.training.multiprocess import run_processes
+
+    root, _ = tables
+    cfg = load_config(None, SMALL_MODEL + [f"data.path={root / 'ds'}", "train.max_steps=8", "train.checkpoint_every=8",
+                                           "train.parzen_samples=0", "data.batch_size=40"])
+    run_processes(cfg, str(tmp_path / "run"), world=2)
+    s = read_summary(tmp_path / "run")
+    assert s["world_size"] == 2 and s["steps"] == 8 and s["replicas_in_sync"] is True
+
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------
+
+def _csv(path, text):
+    path.write_text(text)
+    return f"csv:{path}"
+
+
+def _bad_sources(root):
+    n = 40
+    one = pa.table({"a": np.arange(n, dtype=np.float64), "y": ["same"] * n})
+    pq.write_table(one, root / "oneclass.parquet")
+    pq.write_table(pa.table({"a": np.arange(n, dtype=np.float64), "empty": pa.nulls(n, pa.float64())}), root / "allnull.parquet")
+    pq.write_table(pa.table({"a": np.arange(500, dtype=np.float64), "id": [f"c{i}" for i in range(500)]}), root / "many.parquet")
+    os.makedirs(root / "schemas", exist_ok=True)
+    pq.write_table(pa.table({"a": np.arange(n, dtype=np.float64)}), root / "schemas" / "p0.parquet")
+    pq.write_table(pa.table({"a": [str(i) for i in range(n)]}), root / "schemas" / "p1.parquet")
+    pq.write_table(pa.table({"a": np.arange(n, dtype=np.float64),
+                             "when": pa.array(np.arange(n).astype("datetime64[D]"))}), root / "dates.parquet")
+    return {
+        "mixed types": (_csv(root / "mixed.csv", "a,b\n1,x\n2,y\nthree,x\n4,y\n"), [], "column 'a' has mixed types"),
+        "all-null column": (f"parquet:{root / 'allnull.parquet'}", [], "column 'empty' is null in every row: pass --drop empty"),
+        "one-class target": (f"parquet:{root / 'oneclass.parquet'}", ["--target", "y"], "--target y has one class"),
+        "too many categories": (f"parquet:{root / 'many.parquet'}", [], "column 'id' has more than 100 distinct values"),
+        "ragged CSV row": (_csv(root / "ragged.csv", "a,b\n1,2\n3,4,5\n6,7\n"), [], "ragged row"),
+        "parquet schema differs": (f"parquet:{root / 'schemas'}", [], "p1.parquet has columns (a: string)"),
+        "dates": (f"parquet:{root / 'dates.parquet'}", [], "column 'when' holds dates/times"),
+        "unknown --drop column": (f"parquet:{root / 'oneclass.parquet'}", ["--drop", "nope"], "column 'nope'"),
+    }
+
+
+BAD = ["mixed types", "all-null column", "one-class target", "too many categories", "ragged CSV row", "parquet schema differs", "dates",
+       "unknown --drop column"]
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badtables")
+    return root, _bad_sources(root)
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_table_input(bad_root, case, capsys):
+    root, cases = bad_root
+    source, extra, needle = cases[case]
+    before = tree_digest(root)
+    capsys.readouterr()
+    code = main(["shard", source, str(root / "out"), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err, (needle, err)
+    assert tree_digest(root) == before  # no output folder, no file changed
+
+
+def test_too_many_categories_names_the_override(bad_root, tmp_path, capsys):
+    root, cases = bad_root
+    source, _, _ = cases["too many categories"]
+    assert main(["shard", source, str(root / "out"), "--quiet"]) == 2
+    assert "--max-categories N" in capsys.readouterr().err
+    assert main(["shard", source, str(tmp_path / "ok"), "--quiet", "--drop", "id"]) == 0
