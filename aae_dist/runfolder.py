@@ -23,7 +23,9 @@ LEASE = "lock.json"
 ASIDE = ".replaced"  # the old run while an --overwrite is under way
 CHECKPOINT_PREFIX = "checkpoint_"  # = checkpoint.PREFIX (not imported: checkpoint imports torch-side code)
 # everything a run writes at its top level (Ray Train adds its storage marker); --overwrite removes only these
-RUN_FILES = {"config.json", "summary.json", "tensorboard", "STOP", ".validate_storage_marker", LEASE, ASIDE}
+RUN_FILES = {"config.json", "summary.json", "tensorboard", "STOP", LEASE, ASIDE,
+             "vat_radius.npz", "baseline_autoencoder.pt",  # the adaptive VAT radius, the clustering baseline's autoencoder
+             ".validate_storage_marker", "checkpoint_manager_snapshot.json"}  # Ray Train's own
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 

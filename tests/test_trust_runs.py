@@ -102,6 +102,7 @@ def test_failed_overwrite_keeps_the_old_run_whole(yard, tmp_path, make_dataset, 
 
 def test_overwrite_replaces_only_what_a_run_writes(yard, capsys):
     old = yard["runs"] / "old"
+    assert all(runfolder.is_run_file(n) for n in os.listdir(old)), os.listdir(old)  # overwrite knows all a run writes
     old_summary = read_summary(old)
     assert main(argv_for(yard["runs"], yard["data"], "old", "train.max_steps=3", extra=["--overwrite"])) == 0
     new = read_summary(old)
