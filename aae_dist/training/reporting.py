@@ -14,12 +14,14 @@ from ..models import AAE
 from ..figures import as_images, paper_figures
 from ..plots import image_grid, to_array
 from .tensorboard import TensorBoardLogger, flatten_config
+from .trackers import Trackers
 
 
 class Reporter:
     def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0, feed=None):
         self.cfg, self.aae, self.phases = cfg, aae, phases
         self.feed = feed
+        self.trackers = Trackers(cfg, run_url, resumed=bool(resumed_step), warn=self.warn)  # log.mlflow, log.wandb; first: the one likely to refuse
         self.logger = TensorBoardLogger(run_url, purge_step=resumed_step or None)
         data = ShardStream(cfg.data.path, eval_split, 512, shuffle=False, manifest=manifest)
         x, y = next(iter(data.iter_epoch(0)))
@@ -53,6 +55,7 @@ class Reporter:
                            "losses": {k.split("/")[0][:5]: v for k, v in means.items() if k.endswith("/loss")}})
         scalars["coordinator/skip_discriminator"] = float(coord.skip.get("discriminator", False))
         lg.scalars(scalars, step)
+        self.trackers.scalars(scalars, step)
         if step % self.cfg.train.image_every < coord.sync_every or coord.done():
             self.log_images(step)
         lg.maybe_upload()
@@ -69,14 +72,19 @@ class Reporter:
         ydec = aae.decoder_y(c, torch.from_numpy(y).to(aae.device))
         recon = aae.decode(c.z[:32], None if ydec is None else ydec[:32]).float().cpu()
         pairs = torch.stack([x[:32].cpu(), recon], 1).flatten(0, 1).numpy()
-        self.logger.image("images/inputs_and_reconstructions", image_grid(as_images(aae, pairs), cols=16), step)
+        self.image("images/inputs_and_reconstructions", image_grid(as_images(aae, pairs), cols=16), step)
         samples = aae.sample(64, self.generator).float().cpu().numpy()
-        self.logger.image("images/prior_samples", image_grid(as_images(aae, samples), cols=8), step)
-        for name, fig in paper_figures(aae, x, y, self.generator).items():
-            self.logger.image(f"figures/{name}", to_array(fig), step)
+        self.image("images/prior_samples", image_grid(as_images(aae, samples), cols=8), step)
+        for name, fig in paper_figures(aae, x, y, self.generator, caption=f"run {self.cfg.run.name}, step {step}").items():
+            self.image(f"figures/{name}", to_array(fig), step)
         if c.y_logits is not None:
             self.logger.histogram("codes/y_argmax", c.y_logits.argmax(1), step)
         self.logger.histogram("codes/z", c.z, step)
+
+    def image(self, tag: str, img, step: int) -> None:
+        """A (C, H, W) image to TensorBoard and the trackers."""
+        self.logger.image(tag, img, step)
+        self.trackers.image(tag, img, step)
 
     # ---- at the end -------------------------------------------------------------------------
     def finish(self, step: int, metrics: dict, summary: dict) -> None:
@@ -88,5 +96,14 @@ class Reporter:
         if metrics:
             self.log_images(step)
             lg.hparams(flatten_config({k: summary["config"][k] for k in ("model", "prior", "train")}), metrics)
+        self.trackers.finish(metrics, step)
+        self.trackers.close()
         lg.close()
+
+    def abort(self) -> None:
+        """On a failed run: the curves so far are uploaded, the trackers' runs marked failed."""
+        try:
+            self.trackers.close(failed=True)
+        finally:
+            self.logger.close()
 

@@ -17,13 +17,20 @@ class Session:
     world_size = 1
     local_rank = 0
 
+    best: tuple[str, str] | None = None  # train.keep_best: (METRIC, min|max)
+
     def __init__(self, run_url: str, keep: int):
         self.run_url, self.keep = run_url, keep
 
-    def save(self, folder: str | None, step: int, metrics: dict) -> None:
-        """Every rank calls this; rank 0 passes the checkpoint folder it wrote."""
+    def retain_best(self, metric: str | None, mode: str = "min") -> None:
+        """train.keep_best: pruning also keeps the checkpoint best by `metric`."""
+        self.best = (metric, mode) if metric else None
+
+    def save(self, folder: str | None, step: int, metrics: dict) -> str | None:
+        """Every rank calls this; rank 0 passes the checkpoint folder it wrote and gets its URL in the run folder."""
         if folder:
-            checkpoint.persist(folder, self.run_url, step, self.keep)
+            return checkpoint.persist(folder, self.run_url, step, self.keep, metrics=metrics, best=self.best)
+        return None
 
     def stop_requested(self) -> bool:
         """Asked on rank 0 at coordinator syncs only."""
@@ -72,8 +79,18 @@ class RaySession(Session):
         self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
     def save(self, folder, step, metrics):
-        super().save(folder, step, metrics)
-        self._train.report(metrics)  # a collective: every rank, every time
+        """Rank 0 reports the checkpoint folder it persisted to Ray as a `Checkpoint` in place (NO_UPLOAD: the run
+        folder is Ray's experiment folder, so no second copy), so `Result.checkpoint` works; the others report none."""
+        url = super().save(folder, step, metrics)
+        ray_checkpoint, mode = None, {}
+        if url:
+            from ray.train import Checkpoint, CheckpointUploadMode
+
+            where = self._train.get_context().get_storage()  # the filesystem and path Ray itself checks against
+            ray_checkpoint = Checkpoint(f"{where.experiment_fs_path}/{url.rstrip('/').rsplit('/', 1)[-1]}", where.storage_filesystem)
+            mode = {"checkpoint_upload_mode": CheckpointUploadMode.NO_UPLOAD}
+        self._train.report(metrics, checkpoint=ray_checkpoint, **mode)  # a collective: every rank, every time
+        return url
 
     def node(self) -> str:
         return ray_node_id()
@@ -99,8 +116,9 @@ class TuneSession(LocalSession):
     def save(self, folder, step, metrics):
         from ray import tune
 
-        super().save(folder, step, metrics)
+        url = super().save(folder, step, metrics)
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return url
 
     def node(self) -> str:
         return ray_node_id()  # the Ray node the trial runs on, as for Ray Train workers
