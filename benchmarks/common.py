@@ -34,7 +34,7 @@ class HandWrittenAAE:
     """The textbook AAE step written by hand (paper MLP 784-1000-1000-8, Adam): the reference the
     framework is measured against, in one process or, with `wrap` (e.g. DDP), in several."""
 
-    def __init__(self, wrap=None):
+    def __init__(self, wrap=None, fused: bool = False, bf16: bool = False):
         def mlp(sizes):
             layers = []
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -44,9 +44,14 @@ class HandWrittenAAE:
         torch.manual_seed(0)
         self.wrapped = wrap is not None
         self.enc, self.dec, self.disc = ((wrap or (lambda m: m))(mlp(s)) for s in ([784, 1000, 1000, 8], [8, 1000, 1000, 784], [8, 1000, 1000, 1]))
-        self.opt_ae = torch.optim.Adam(list(self.enc.parameters()) + list(self.dec.parameters()), lr=1e-3, betas=(0.9, 0.999))
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        self.opt_g = torch.optim.Adam(self.enc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        kw = {"fused": True} if fused else {}
+        self.opt_ae = torch.optim.Adam(list(self.enc.parameters()) + list(self.dec.parameters()), lr=1e-3, betas=(0.9, 0.999), **kw)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
+        self.opt_g = torch.optim.Adam(self.enc.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
+        self.bf16 = bf16
+
+    def _amp(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
     def fake_codes(self, x: torch.Tensor) -> torch.Tensor:
         if not self.wrapped:
@@ -60,12 +65,17 @@ class HandWrittenAAE:
 
         b = len(x)
         self.opt_ae.zero_grad()
-        F.binary_cross_entropy_with_logits(self.dec(self.enc(x)), x).backward()
+        with self._amp():
+            out = self.dec(self.enc(x))
+        F.binary_cross_entropy_with_logits(out.float(), x).backward()
         self.opt_ae.step()
         self.opt_d.zero_grad()
-        logits = self.disc(torch.cat([torch.randn(b, 8), self.fake_codes(x)])).squeeze(1)
-        F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(b), torch.zeros(b)])).backward()
+        with self._amp():
+            logits = self.disc(torch.cat([torch.randn(b, 8), self.fake_codes(x).float()])).squeeze(1)
+        F.binary_cross_entropy_with_logits(logits.float(), torch.cat([torch.ones(b), torch.zeros(b)])).backward()
         self.opt_d.step()
         self.opt_g.zero_grad()
-        F.binary_cross_entropy_with_logits(self.disc(self.enc(x)).squeeze(1), torch.ones(b)).backward()
+        with self._amp():
+            logits = self.disc(self.enc(x)).squeeze(1)
+        F.binary_cross_entropy_with_logits(logits.float(), torch.ones(b)).backward()
         self.opt_g.step()

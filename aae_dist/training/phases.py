@@ -32,6 +32,7 @@ class StepContext:
     aae: AAE
     generator: torch.Generator
     labelled: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # a labelled minibatch (few-label runs)
+    radius: Callable[[torch.Tensor], torch.Tensor] | None = None  # adaptive VAT: each sample's k-th neighbour distance
 
     @property
     def plain(self) -> dict[str, nn.Module]:
@@ -49,6 +50,7 @@ class Phase:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     stat_names: tuple[str, ...] = field(default_factory=tuple)
+    kernels: dict = field(default_factory=dict)  # the optimizer's fused/foreach flags (make_optimizer)
 
     def runs_at(self, step: int) -> bool:
         return step >= self.start_step and step % self.cfg.every == 0
@@ -101,10 +103,47 @@ def _kl_y(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
 
 
-def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+@contextlib.contextmanager
+def batch_stats_frozen(modules):
+    """Batch norm normalises with the batch's own statistics but leaves its running averages alone
+    (IMSAT's VAT pass: perturbed inputs must not move the statistics evaluation uses)."""
+    norms = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H(y|x), H(mean y)) in nats for a batch of y logits.  Under DDP the marginal mean y is over the
+    global batch: the per-rank sums of y and counts are all-reduced for the value, and the gradient flows
+    through this rank's own sum scaled by the world size, so DDP's mean of the ranks' gradients is exactly
+    the gradient of H(mean y) over the global batch (no collective in the backward pass; equal batches)."""
+    from ..distributed import all_reduce_, distributed
+
+    logp = F.log_softmax(logits.float(), 1)
+    p = logp.exp()
+    conditional = -(p * logp).sum(1).mean()
+    local = p.sum(0)
+    world = torch.distributed.get_world_size() if distributed() else 1
+    if world > 1:
+        glob = all_reduce_(torch.cat([local.detach(), torch.tensor([float(len(p))], device=p.device)]).double())
+        total, count = glob[:-1].to(local.dtype), float(glob[-1])
+        local = world * local + (total - world * local).detach()  # value: the global sum; gradient: world x this rank's
+    else:
+        count = float(len(p))
+    marginal = (local / count).clamp_min(1e-12)
+    return conditional, -(marginal * marginal.log()).sum()
+
+
+def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Tensor, eps) -> torch.Tensor:
     """VAT's one power iteration, probed at the scale it is used (a tiny probe underflows in float32): the
     perturbation of norm eps that moves y(x) most, found on the plain encoder with its
-    parameters frozen (no gradient reaches them, and DDP sees no extra backward)."""
+    parameters frozen (no gradient reaches them, and DDP sees no extra backward).  eps: a number, or
+    one radius per sample shaped (N, 1, ...)."""
     d = eps * _per_sample_unit(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=ctx.generator))
     d.requires_grad_(True)
     with torch.enable_grad(), frozen(ctx.plain["encoder"]) as enc:
@@ -116,11 +155,14 @@ def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Te
 
 def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
                         consistency: float = 0.0, shift: int = 2, rotate: float = 0.0, scale: float = 0.0,
-                        vat: float = 0.0, vat_eps: float = 2.0, clean_target: bool = False):
+                        vat: float = 0.0, vat_eps: float = 2.0, clean_target: bool = False, vat_alpha: float = 0.0,
+                        info: float = 0.0, info_mu: float = 4.0):
     """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
     consistency: the y of a moved copy of x learns the y of x (cluster membership should not move with the digit);
     vat: so does the y of x + the small perturbation that would move it most; clean_target: that y(x) is read
-    without the encoder's input noise and dropout."""
+    without the encoder's input noise and dropout; vat_alpha: each sample's vat radius is vat_alpha x its
+    neighbour distance (ctx.radius), batch-norm statistics frozen in that pass; info: IMSAT's information
+    term on y, info x (H(y|x) - info_mu x H(mean y))."""
     codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
     loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
     stats = {"loss": loss.detach()}
@@ -137,10 +179,13 @@ def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distan
         total = total + consistency * kl_y
         stats["consistency"] = kl_y.detach()
     if vat:
-        r = adversarial_perturbation(ctx, x, target, vat_eps)
-        kl_v = _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
+        kl_v = _vat_term(ctx, x, target, vat_eps, vat_alpha)
         total = total + vat * kl_v
         stats["vat"] = kl_v.detach()
+    if info:
+        cond, marg = entropy_terms(codes.y_logits)
+        total = total + info * (cond - info_mu * marg)
+        stats["entropy_y"], stats["entropy_mean_y"] = cond.detach(), marg.detach()
     if kl:  # negative ELBO per data dimension
         kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
         total = total + kl_term / x[0].numel()
@@ -152,6 +197,17 @@ def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distan
         penalty = F.relu(head_distance - torch.cdist(heads, heads)[off]).sum() / max(1, k * (k - 1))
         total = total + head_weight * penalty
     return total, stats
+
+
+def _vat_term(ctx: StepContext, x, target, vat_eps: float, vat_alpha: float) -> torch.Tensor:
+    """KL(y(x) || y(x + r)): with vat_alpha, r's norm is per sample and batch norm keeps its statistics."""
+    if not vat_alpha:
+        r = adversarial_perturbation(ctx, x, target, vat_eps)
+        return _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
+    eps = (vat_alpha * ctx.radius(x)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    with batch_stats_frozen([ctx.plain["encoder"]]):
+        r = adversarial_perturbation(ctx, x, target, eps)
+        return _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
 
 
 def _prior_labels(ctx: StepContext, y: torch.Tensor) -> torch.Tensor:
@@ -222,8 +278,10 @@ def build_phases(cfg: Config) -> list[Phase]:
                     head_weight=m.cluster_head_weight if heads else 0.0, consistency=p.reconstruction.consistency,
                     clean_target=p.reconstruction.consistency_target == "clean",
                     shift=p.reconstruction.consistency_shift, rotate=p.reconstruction.consistency_rotate,
-                    scale=p.reconstruction.consistency_scale, vat=p.reconstruction.vat, vat_eps=p.reconstruction.vat_eps)
-    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction, stat_names=("loss", "kl", "consistency", "vat"))]
+                    scale=p.reconstruction.consistency_scale, vat=p.reconstruction.vat, vat_eps=p.reconstruction.vat_eps,
+                    vat_alpha=p.reconstruction.vat_alpha, info=p.reconstruction.info, info_mu=p.reconstruction.info_mu)
+    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction,
+                    stat_names=("loss", "kl", "consistency", "vat", "entropy_y", "entropy_mean_y"))]
     if m.regularizer == "kl":
         return phases
     disc_stats = ("loss", "acc_prior", "acc_codes")
@@ -242,16 +300,27 @@ def build_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
-def make_optimizer(phase: Phase, plain: dict[str, nn.Module], total_steps: int, steps_per_epoch: int) -> None:
-    """Adam or SGD with momentum over the phase's networks, plus its learning-rate schedule
-    (counted in the phase's own updates, which match steps for phases that run every step)."""
+def optimizer_kernels(device: torch.device, fused: bool) -> dict:
+    """fused: one kernel per phase for all its parameters (Adam's for-loop spends ~40% of a CPU step in
+    small per-parameter kernels), where torch has fused kernels for the device; else foreach off the CPU."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if fused and device.type in _get_fused_kernels_supported_devices():
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True if device.type != "cpu" else None}
+
+
+def make_optimizer(phase: Phase, plain: dict[str, nn.Module], total_steps: int, steps_per_epoch: int, fused: bool = True) -> None:
+    """Adam or SGD with momentum over the phase's networks (fused kernels where offered), plus its learning-rate
+    schedule (counted in the phase's own updates, which match steps for phases that run every step)."""
     c = phase.cfg
     params = [prm for n in phase.networks for prm in plain[n].parameters()]
-    kw = {"foreach": True} if params and params[0].device.type != "cpu" else {}
+    kw = optimizer_kernels(params[0].device, fused) if params else {}
     if c.optimizer == "sgd":
         phase.optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, **kw)
     else:
         phase.optimizer = torch.optim.Adam(params, lr=c.lr, betas=(c.beta1, c.beta2), **kw)
+    phase.kernels = kw
     if c.schedule == "cosine":
         shape = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(1, total_steps)))  # noqa: E731
     elif c.schedule == "step":
@@ -274,3 +343,18 @@ class PhaseStates:
     def load_state_dict(self, state: dict) -> None:
         for ph in self.phases:
             getattr(ph, self.attr).load_state_dict(state[ph.name])
+            if self.attr == "optimizer":
+                _keep_kernels(ph)
+
+
+def _keep_kernels(ph: Phase) -> None:
+    """load_state_dict copies the saved param_groups' kernel flags: a checkpoint of the per-parameter loop
+    would turn a fused optimizer back into a loop (and the other way).  The config decides, and the step
+    counts move to where that kernel reads them (the parameter's device for fused, the CPU otherwise)."""
+    opt, kw = ph.optimizer, ph.kernels
+    for group in opt.param_groups:
+        group.update(kw)
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                opt.state[p]["step"] = step.to(device=p.device if kw.get("fused") else "cpu", dtype=torch.float32)

@@ -1,0 +1,139 @@
+"""Speed switches that must not change what is trained: fused optimizer kernels, bf16 autocast on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aae_dist.cli import main
+from aae_dist.config import load_config
+from aae_dist.training.multiprocess import run_processes
+from aae_dist.training.session import LocalSession
+from aae_dist.training.trainer import Trainer
+from conftest import SMALL_MODEL, read_summary
+from test_bad_input_matrix import T, tree_digest, world  # noqa: F401  (world: the matrix's module fixture)
+
+SGD_PHASES = ["phases.reconstruction.optimizer=sgd", "phases.reconstruction.lr=0.05", "phases.generator.optimizer=sgd",
+              "phases.generator.lr=0.05", "phases.generator.momentum=0.1"]
+
+
+def trained(tmp_path, data, name, *sets):
+    """An in-process run of 12 steps (checkpoint at 6); the Trainer, for its optimizers and weights."""
+    cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "train.max_steps=12", "train.checkpoint_every=6", *sets])
+    t = Trainer(cfg, LocalSession(str(tmp_path / name), 1))
+    t.fit()
+    return t
+
+
+def weights(t) -> list[torch.Tensor]:
+    return [p.detach().clone() for n in sorted(t.aae.nets) for p in t.aae.nets[n].parameters()]
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_fused_and_loop_optimizers_train_alike(tmp_path, make_dataset, optim):
+    """Fused kernels are the default (the optimizers' flags say which kernel ran) and change only the rounding:
+    after 12 steps every weight is within float32 noise of the per-parameter loop's."""
+    data, _, _ = make_dataset(1000, 100)
+    extra = SGD_PHASES if optim == "sgd" else []
+    fused, loop = trained(tmp_path, data, "fused", *extra), trained(tmp_path, data, "loop", *extra, "train.fused=false")
+    assert all(g["fused"] for ph in fused.phases for g in ph.optimizer.param_groups)
+    assert not any(g["fused"] for ph in loop.phases for g in ph.optimizer.param_groups)
+    a, b = weights(fused), weights(loop)
+    assert all(torch.allclose(x, y, rtol=1e-3, atol=1e-5) for x, y in zip(a, b))
+    losses = [read_summary(tmp_path / n)["metrics"]["recon_loss"] for n in ("fused", "loop")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_a_loop_checkpoint_resumes_into_fused_kernels(tmp_path, make_dataset):
+    """A checkpoint written by the per-parameter loop (every run before fused kernels) resumes with the kernels
+    the config asks for: load_state_dict would otherwise copy the saved fused=None back in."""
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
+    Trainer(load_config(None, base + ["train.max_steps=6", "train.fused=false"]), LocalSession(str(tmp_path / "r"), 1)).fit()
+    t = Trainer(load_config(None, base + ["train.max_steps=12"]), LocalSession(str(tmp_path / "r"), 1))
+    assert t.resumed_from == 6
+    assert all(g["fused"] for ph in t.phases for g in ph.optimizer.param_groups)
+    t.fit()
+    assert read_summary(tmp_path / "r")["steps"] == 12
+
+
+def test_fused_in_process_resume_is_exact(tmp_path, make_dataset):
+    """Stop at the checkpoint and resume: bitwise the weights of the run that did not stop (fused Adam, both)."""
+    data, _, _ = make_dataset(1000, 100)
+    whole = trained(tmp_path, data, "whole")
+    cfg = lambda n: load_config(None, SMALL_MODEL + [f"data.path={data}", f"train.max_steps={n}", "train.checkpoint_every=6"])  # noqa: E731
+    Trainer(cfg(6), LocalSession(str(tmp_path / "split"), 1)).fit()
+    split = Trainer(cfg(12), LocalSession(str(tmp_path / "split"), 1))
+    split.fit()
+    assert split.resumed_from == 6 and all(g["fused"] for ph in split.phases for g in ph.optimizer.param_groups)
+    assert all(torch.equal(x, y) for x, y in zip(weights(whole), weights(split)))
+
+
+@pytest.mark.skipif(not __import__("aae_dist.training.precision", fromlist=["x"]).cpu_has_native_bf16(), reason="CPU without native bf16")
+def test_bf16_on_two_ddp_workers_identical_replicas_and_exact_resume(tmp_path, make_dataset):
+    """train.precision=bf16 on the CPU: 2 gloo workers stay identical, a run split at a checkpoint ends bitwise
+    like a whole one, the weights differ from fp32's (autocast really ran) and the loss stays where fp32's is."""
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
+    bf16 = base + ["train.precision=bf16"]
+    run_processes(load_config(None, bf16 + ["train.max_steps=12"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, bf16 + ["train.max_steps=6"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, bf16 + ["train.max_steps=12"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "fp32"), world=2)
+    whole, split, fp32 = (read_summary(tmp_path / n) for n in ("whole", "split", "fp32"))
+    assert whole["replicas_in_sync"] and split["resumed_from_step"] == 6
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    assert whole["replica_fingerprints"] != fp32["replica_fingerprints"]
+    assert whole["metrics"]["recon_loss"] == pytest.approx(fp32["metrics"]["recon_loss"], rel=0.02)
+
+
+@pytest.mark.skipif(not __import__("aae_dist.training.precision", fromlist=["x"]).cpu_has_native_bf16(), reason="CPU without native bf16")
+def test_bf16_keeps_weights_and_losses_in_fp32(tmp_path, make_dataset):
+    data, _, _ = make_dataset(300, 100)
+    t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", "train.precision=bf16"]), LocalSession(str(tmp_path / "a"), 1))
+    assert t.autocast_dtype == torch.bfloat16
+    x, y = next(iter(t.train_data.iter_epoch(0)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = t.phases[0].loss(t.ctx, t.aae.normalise(x), y)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in stats.values())
+    t.train_step([(t.aae.normalise(x), y)])
+    params = list(t.aae.nets["encoder"].parameters())
+    assert all(p.dtype == torch.float32 for p in params) and all(p.grad.dtype == torch.float32 for p in params if p.grad is not None)
+
+
+def test_bf16_refused_on_a_cpu_without_it(world, monkeypatch, capsys):  # noqa: F811
+    """One line naming the key and the fix, exit 2, nothing touched; the same config in fp32 trains."""
+    from aae_dist.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    before = tree_digest(world)
+    capsys.readouterr()
+    code = main(T(world, "train.precision=bf16", "train.max_steps=2", name="bf16-refused"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err, err
+    assert "train.precision=bf16 needs a CPU with native bf16" in err and "set train.precision=fp32" in err
+    assert tree_digest(world) == before
+
+
+def test_the_cpu_probe_reads_the_flags(monkeypatch, tmp_path):
+    """oneDNN says yes on any AVX-512 CPU (it would emulate bf16, slower than fp32): the flags decide."""
+    import builtins
+
+    from aae_dist.training import precision
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+        assert precision.cpu_has_native_bf16() is expected, flags
+
+
+def test_compiled_forwards_train_like_eager(tmp_path, make_dataset):
+    """train.compile on the CPU (the path GPUs take too, there with CUDA graphs worth having): the same
+    training as eager to float32 tolerance, the weights' names unchanged (checkpoints stay plain)."""
+    data, _, _ = make_dataset(1000, 100)
+    eager, compiled = trained(tmp_path, data, "eager"), trained(tmp_path, data, "compiled", "train.compile=true")
+    assert [k for k in compiled.aae.state_dict()] == [k for k in eager.aae.state_dict()]
+    assert all(torch.allclose(x, y, rtol=1e-3, atol=1e-4) for x, y in zip(weights(eager), weights(compiled)))
