@@ -15,42 +15,36 @@ def storage_redact(url: str) -> str:
 
 
 def cmd_shard(args) -> int:
-    from .data.sources import load_source
-    from .data.writer import write_dataset
+    """Any registered source (data/sources/): chunks streamed into shards, or a source that writes its own (tables)."""
+    from .data.sources import lookup, open_source
+    from .data.writer import write_source
 
-    if args.source.partition(":")[0] in ("parquet", "csv") and args.source.partition(":")[2]:
-        return shard_table_cli(args)
-    src = load_source(args.source, image_size=args.image_size, channels=args.channels, test_fraction=args.test_fraction,
-                      validation_size=args.validation_size)
-    m = write_dataset(
-        args.dest,
-        src.splits,
-        num_classes=src.num_classes,
-        source=src.name,
-        class_names=src.class_names,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    source, arg = lookup(args.source)
+    opts = {o.dest: getattr(args, o.dest, o.default) for o in source.options}
+    writer = dict(shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    if source.write is not None:
+        m = source.write(arg, args.dest, {**opts, "test_fraction": args.test_fraction}, **writer)
+    else:
+        m = write_source(args.dest, open_source(args.source, args.test_fraction, **opts), validation_size=args.validation_size, **writer)
     counts = ", ".join(f"{k}={v.count} in {len(v.shards)} shards" for k, v in m.splits.items())
-    print(f"wrote {src.name} to {storage_redact(args.dest)}: {counts}; samples {m.dtype} {'x'.join(map(str, m.shape))}")
+    tail = source.summary(m) if source.summary else f"samples {m.dtype} {'x'.join(map(str, m.shape))}"
+    print(f"wrote {m.source} to {storage_redact(args.dest)}: {counts}; {tail}")
     return 0
 
 
-def shard_table_cli(args) -> int:
-    """parquet:URL / csv:URL: a table, encoded column by column (data/tables.py)."""
-    from .data.tables import TableOptions, shard_table
+def source_usages() -> str:
+    from .data.sources import registry
 
-    names = lambda text: tuple(n.strip() for n in (text or "").split(",") if n.strip())  # noqa: E731
-    kind, _, url = args.source.partition(":")
-    opts = TableOptions(categorical=names(args.categorical), drop=names(args.drop), target=args.target,
-                        max_categories=args.max_categories, test_fraction=args.test_fraction)
-    m = shard_table(kind, url, args.dest, opts, shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
-    counts = ", ".join(f"{k}={v.count} in {len(v.shards)} shards" for k, v in m.splits.items())
-    kinds = [c["kind"][:4] for c in m.table["columns"]]
-    print(f"wrote {m.source} to {storage_redact(args.dest)}: {counts}; {len(kinds)} columns ({kinds.count('cont')} continuous, "
-          f"{kinds.count('cate')} categorical) encoded as {m.shape[-1]} values per row")
-    return 0
+    return " | ".join(src.usage for src in registry(strict=False).values())
+
+
+def add_source_options(s: argparse.ArgumentParser) -> None:
+    """The flags every registered source declares (images: --image-size; tables: --categorical; plug-ins: theirs)."""
+    from .data.sources import options
+
+    for opt in options(strict=False):
+        kw = {"type": opt.type} if opt.type else {}
+        s.add_argument(opt.flag, default=opt.default, help=opt.help, metavar=opt.metavar, **kw)
 
 
 def cmd_verify(args) -> int:
@@ -75,8 +69,8 @@ def cmd_sweep(args) -> int:
 def cmd_eval(args) -> int:
     from .inference import evaluate, to_json, write_figures
 
-    result = evaluate(args.ref, args.data, args.split)
-    table = table_eval(args)
+    result = evaluate(args.ref, args.data, args.split)  # a table run's row report is in result["table"]
+    table = None if "table" in result else table_eval(args)
     print(to_json({**result, "table": table} if table else result))
     if args.plots:
         for path in write_figures(args.ref, args.plots, args.data, args.split):
@@ -198,20 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("shard", help="write a dataset as shards + manifest.json to any fsspec URL")
-    s.add_argument("source", help="mnist-idx:DIR | npz:URL | images:DIR | digits | parquet:URL | csv:URL (URL: a file, folder or glob)")
+    s.add_argument("source", help=source_usages() + " (URL: a file, folder or glob)")
     s.add_argument("dest", help="destination URL (path, file://, s3://, gs://, memory://)")
     s.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
-    s.add_argument("--image-size", type=int, default=28, help="images: resize to SIZE x SIZE")
-    s.add_argument("--channels", type=int, default=1, help="images: 1 (grey) or 3 (RGB)")
     s.add_argument("--test-fraction", type=float, default=0.1, help="held-out share for sources without a test split")
     s.add_argument("--validation-size", type=int, default=0,
                    help="hold the last N training samples out as a 'validation' split (Parzen sigma is chosen there)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--categorical", metavar="COL,...", help="tables: read these columns as categories")
-    s.add_argument("--drop", metavar="COL,...", help="tables: leave these columns out")
-    s.add_argument("--target", metavar="COL", help="tables: this categorical column is also the label (supervised variants)")
-    s.add_argument("--max-categories", type=int, default=100, help="tables: most distinct values of a categorical column (default 100)")
+    add_source_options(s)
     s.set_defaults(func=cmd_shard)
 
     v = sub.add_parser("verify", help="check every shard of a dataset against its manifest (size, checksums, shape)")

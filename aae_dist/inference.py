@@ -19,7 +19,10 @@ def load_run(ref: str) -> tuple[Config, AAE]:
     if "config" not in meta:
         raise UserError(f"checkpoint {storage.redact(ref)} has no config (written by an older aae-dist): re-train")
     cfg = Config.model_validate(meta["config"])
-    aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]), table=table_of(meta, ref))
+    from .data.format import scaling_from_meta
+
+    aae = AAE(cfg.model, cfg.prior, tuple(meta["shape"]), meta["dtype"], int(meta["num_classes"]), table=table_of(meta, ref),
+              scaling=scaling_from_meta(meta, ref))
     checkpoint.restore_part(aae, state, "models", ref)  # a network missing or misshapen: one line naming it
     aae.step = int(meta["step"])  # the step the weights are from: figures and aae_dist.load name it
     return cfg, aae.eval()
@@ -79,11 +82,24 @@ def write_figures(ref: str, out: str, data: str | None = None, split: str = "tes
     written = []
     with model.evaluating():
         caption = f"run {cfg.run.name}, step {model.step}"
-        for name, fig in paper_figures(model, model.normalise(x), y.numpy(), torch.Generator().manual_seed(seed), caption=caption).items():
+        figs = paper_figures(model, model.normalise(x), y.numpy(), torch.Generator().manual_seed(seed), caption=caption)
+        if model.rows is not None:  # a table run: real beside synthetic, per column
+            figs.update(table_column_figures(model, x, seed, caption))
+        for name, fig in figs.items():
             dest = storage.join(out, f"{name}.png")
             storage.write_bytes_atomic(dest, to_png(fig))
             written.append(dest)
     return written
+
+
+def table_column_figures(model: AAE, x: torch.Tensor, seed: int, caption: str | None = None) -> dict:
+    """Per-column figures of a table model: the rows `x` (encoded, as in the shards) beside as many generated rows."""
+    from .table_figures import column_figures
+    from .tabular import generate_rows
+
+    real = model.rows.decode_table(np.asarray(x, np.float32), np.random.default_rng(seed))
+    synth = generate_rows(model, len(x), torch.Generator().manual_seed(seed))
+    return column_figures(real, synth, model.rows.table["columns"], caption=caption)
 
 
 # ---- sample ------------------------------------------------------------------------------------

@@ -92,6 +92,23 @@ class Manifest:
     class_names: list[str] | None = None
     version: int = FORMAT_VERSION
     table: dict | None = None  # a table dataset's columns and their transforms (data/tables.py); None for images
+    features: str | None = None  # "image" or "vector"; None (manifests before it): a table's rows are vectors, the rest images
+    scaling: dict | None = None  # model input = (x - offset) / divide; None (manifests before it): uint8 / 255, others as they are
+    stats: dict | None = None  # per-feature count, mean, std, min, max of the train split, where the source has them
+
+    @property
+    def feature_kind(self) -> str:
+        return self.features or ("vector" if self.table is not None else "image")
+
+    @property
+    def custom_scaling(self) -> dict | None:
+        """The scaling a checkpoint must remember: None where it is today's pixel rule (old checkpoints never had one)."""
+        return None if self.input_scaling == default_scaling(self.dtype) else self.input_scaling
+
+    @property
+    def input_scaling(self) -> dict:
+        """What the model divides its input by (and subtracts first); today's pixel rule where the manifest is silent."""
+        return self.scaling or default_scaling(self.dtype)
 
     @property
     def sample_bytes(self) -> int:
@@ -128,6 +145,9 @@ class Manifest:
         }
         if self.table is not None:
             doc["table"] = self.table
+        for key in ("features", "scaling", "stats"):
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
         return json.dumps(doc, indent=1)
 
     @classmethod
@@ -273,8 +293,67 @@ def _parse_manifest(doc) -> Manifest:
         from .tables import check_table_spec
 
         table = check_table_spec(doc["table"], math.prod(shape))
+    width = math.prod(shape)
     return Manifest(dtype=str(doc["dtype"]), shape=shape, labels=doc["labels"], num_classes=_whole(doc["num_classes"], "'num_classes'", 0),
-                    splits=splits, source=str(doc.get("source", "")), class_names=class_names, version=version, table=table)
+                    splits=splits, source=str(doc.get("source", "")), class_names=class_names, version=version, table=table,
+                    features=_features(doc.get("features")), scaling=check_scaling(doc.get("scaling"), width),
+                    stats=_stats(doc.get("stats"), width))
+
+
+FEATURE_KINDS = ("image", "vector")
+STAT_KEYS = ("mean", "std", "min", "max")
+
+
+def default_scaling(dtype: str) -> dict:
+    """Before manifests said so: uint8 pixels / 255, every other dtype as it is."""
+    return {"offset": 0.0, "divide": 255.0 if str(dtype) == "uint8" else 1.0}
+
+
+def _features(value) -> str | None:
+    if value is not None and value not in FEATURE_KINDS:
+        raise ValueError(f"'features' is {str(value)[:80]!r}: expected one of {', '.join(FEATURE_KINDS)}")
+    return value
+
+
+def _numbers(value, what: str, width: int, positive: bool = False):
+    """One finite number, or a list of `width` of them (one per feature)."""
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(value) != width:
+        raise ValueError(f"{what} lists {len(value)} values, the samples hold {width}")
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{what} holds {str(v)[:40]!r}: expected finite numbers{' > 0' if positive else ''}")
+    return value
+
+
+def check_scaling(doc, width: int) -> dict | None:
+    """A manifest's (or checkpoint's) input scaling: offset and divide, each a number or one per feature."""
+    if doc is None:
+        return None
+    doc = _object(doc, "'scaling'")
+    if set(doc) != {"offset", "divide"}:
+        raise ValueError(f"'scaling' has keys {sorted(doc)}: expected offset and divide")
+    return {"offset": _numbers(doc["offset"], "'scaling' offset", width), "divide": _numbers(doc["divide"], "'scaling' divide", width, True)}
+
+
+def scaling_from_meta(meta: dict, ref: str) -> dict | None:
+    """A checkpoint's input scaling (absent: the pixel rule), checked like a manifest's."""
+    try:
+        return check_scaling(meta.get("scaling"), math.prod(meta["shape"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"checkpoint {storage.redact(ref)} has an invalid input scaling ({exc}): re-train") from None
+
+
+def _stats(doc, width: int) -> dict | None:
+    if doc is None:
+        return None
+    doc = _object(doc, "'stats'")
+    _whole(doc.get("count"), "'stats' count", 0)
+    for key in STAT_KEYS:
+        if not isinstance(doc.get(key), list):
+            raise ValueError(f"'stats' {key} is not a list of per-feature numbers")
+        _numbers(doc[key], f"'stats' {key}", width)
+    return doc
 
 
 def read_manifest(url: str) -> Manifest:

@@ -1,4 +1,5 @@
-"""Write arrays as a sharded dataset; the manifest goes last so a killed write never looks complete."""
+"""Write a source as a sharded dataset, chunk by chunk: memory holds one chunk and one shard per split, whatever
+the dataset's size. The manifest goes last so a killed write never looks complete."""
 
 from __future__ import annotations
 
@@ -7,56 +8,134 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import UserError
-from .format import (BLOCK_BYTES, BLOCK_HASH, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, encode_npy,
-                     read_manifest, sha256)
+from .format import (BLOCK_BYTES, BLOCK_HASH, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, default_scaling,
+                     encode_npy, read_manifest, sha256)
+from .sources import Opened, check_validation, from_arrays
 
 DEFAULT_SHARD_SIZE = 10_000
+MAX_STAT_FEATURES = 1 << 16  # per-feature statistics for vectors up to this width (the manifest stays small)
 
 
-def write_dataset(
-    dest: str,
-    splits: dict[str, tuple[np.ndarray, np.ndarray | None]],
-    *,
-    num_classes: int,
-    source: str,
-    class_names: list[str] | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    overwrite: bool = False,
-    progress: bool = True,
-    block_bytes: int = BLOCK_BYTES,
-) -> Manifest:
+def write_dataset(dest: str, splits: dict[str, tuple[np.ndarray, np.ndarray | None]], *, num_classes: int, source: str,
+                  class_names: list[str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+                  progress: bool = True, block_bytes: int = BLOCK_BYTES, features: str | None = None, scaling: dict | None = None) -> Manifest:
+    """Arrays in memory as a dataset (tests, benchmarks, the digits cache): the same writer as every source."""
     if shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
-    first_x = next(iter(splits.values()))[0]
-    dtype, shape = first_x.dtype, tuple(first_x.shape[1:])
-    for split_name, (x, _) in splits.items():  # every check before anything old is removed
-        if x.dtype != dtype or tuple(x.shape[1:]) != shape:
-            raise UserError(f"split '{split_name}' has samples {x.dtype} {x.shape[1:]}, others {dtype} {shape}")
-    prepare_destination(dest, overwrite)
-    has_labels = all(y is not None for _, y in splits.values())
-    total = sum(len(x) for x, _ in splits.values())
-    out_splits: dict[str, Split] = {}
-    with tqdm(total=total, unit="sample", desc=f"shard -> {storage.redact(dest)}", disable=not progress) as bar:
-        for split_name, (x, y) in splits.items():
-            shards = []
-            for i, start in enumerate(range(0, len(x), shard_size)):
-                name = f"{split_name}-{i:05d}"
-                xs = x[start : start + shard_size]
-                shards.append(write_shard(dest, name, xs, y[start : start + shard_size] if has_labels else None, block_bytes))
-                bar.update(len(xs))
-            out_splits[split_name] = Split(count=len(x), shards=shards)
+    opened = from_arrays(splits, num_classes=num_classes, name=source, class_names=class_names, features=features, scaling=scaling)
+    return write_source(dest, opened, shard_size=shard_size, overwrite=overwrite, progress=progress, block_bytes=block_bytes)
 
-    manifest = Manifest(
-        dtype=str(dtype),
-        shape=list(shape),
-        labels=has_labels,
-        num_classes=int(num_classes) if has_labels else 0,
-        splits=out_splits,
-        source=source,
-        class_names=class_names,
-    )
+
+def write_source(dest: str, opened: Opened, *, validation_size: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+                 progress: bool = True, block_bytes: int = BLOCK_BYTES) -> Manifest:
+    """Stream an opened source into shards; `validation_size` moves the last training samples to 'validation'."""
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
+    if validation_size > 0:
+        check_validation(opened, validation_size)
+    prepare_destination(dest, overwrite)  # every check above this line: nothing old is touched before
+    names = list(opened.counts) + (["validation"] if validation_size > 0 else [])
+    writers = {n: ShardWriter(dest, n, shard_size, opened.labels, block_bytes) for n in names}
+    stats = FeatureStats() if opened.features == "vector" and opened.stats is None else None
+    with tqdm(total=sum(opened.counts.values()), unit="sample", desc=f"shard -> {storage.redact(dest)}", disable=not progress) as bar:
+        for split, count in opened.counts.items():
+            keep = count - validation_size if split == "train" and validation_size > 0 else count
+            written = 0
+            for x, y in opened.chunks(split):
+                _check_chunk(opened, split, x, y, written + len(x), count)
+                _route(writers, split, x, y, keep - written, stats if split == "train" else None)
+                written += len(x)
+                bar.update(len(x))
+            if written != count:
+                raise UserError(f"source {opened.name} gave {written} samples for split '{split}', it announced {count}: fix the source")
+    shards = {n: w.finish() for n, w in writers.items()}
+    manifest = Manifest(dtype=str(np.dtype(opened.dtype)), shape=list(opened.shape), labels=opened.labels,
+                        num_classes=int(opened.num_classes) if opened.labels else 0,
+                        splits={n: Split(count=sum(s.count for s in v), shards=v) for n, v in shards.items()}, source=opened.name,
+                        class_names=opened.class_names, features=opened.features,
+                        scaling=opened.scaling or default_scaling(str(np.dtype(opened.dtype))),
+                        stats=opened.stats or (stats.result() if stats else None))
     storage.write_bytes_atomic(storage.join(dest, MANIFEST), manifest.to_json().encode())
     return manifest
+
+
+def _route(writers: dict, split: str, x, y, room: int, stats) -> None:
+    """A chunk into its split; of 'train', what lies past `room` goes to 'validation'."""
+    head = max(0, min(len(x), room))
+    if stats is not None and head:
+        stats.add(x[:head])
+    writers[split].add(x[:head], None if y is None else y[:head])
+    if head < len(x):
+        writers["validation"].add(x[head:], None if y is None else y[head:])
+
+
+def _check_chunk(opened: Opened, split: str, x, y, seen: int, count: int) -> None:
+    """A source's chunk is what it announced (a plug-in's mistake is one line, not a corrupt dataset)."""
+    if x.dtype != np.dtype(opened.dtype) or tuple(x.shape[1:]) != tuple(opened.shape):
+        raise UserError(f"source {opened.name} gave split '{split}' samples {x.dtype} {tuple(x.shape[1:])}, it announced "
+                        f"{np.dtype(opened.dtype)} {tuple(opened.shape)}: fix the source")
+    if (y is None) == opened.labels or (y is not None and len(y) != len(x)) or seen > count:
+        raise UserError(f"source {opened.name} gave split '{split}' a chunk whose labels or size differ from what it announced: fix the source")
+
+
+class ShardWriter:
+    """One split's shards: chunks are buffered until `shard_size` samples are ready, then written as a shard."""
+
+    def __init__(self, dest: str, split: str, shard_size: int, labels: bool, block_bytes: int):
+        self.dest, self.split, self.size, self.labels, self.block_bytes = dest, split, shard_size, labels, block_bytes
+        self.parts: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.buffered = 0
+        self.shards: list[Shard] = []
+
+    def add(self, x: np.ndarray, y: np.ndarray | None) -> None:
+        if len(x):
+            self.parts.append((x, y))
+            self.buffered += len(x)
+        if self.buffered >= self.size:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        x = np.concatenate([p[0] for p in self.parts]) if len(self.parts) > 1 else self.parts[0][0]
+        y = (np.concatenate([p[1] for p in self.parts]) if len(self.parts) > 1 else self.parts[0][1]) if self.labels else None
+        start = 0
+        while len(x) - start >= self.size or (final and start < len(x)):
+            end = min(start + self.size, len(x))
+            name = f"{self.split}-{len(self.shards):05d}"
+            self.shards.append(write_shard(self.dest, name, x[start:end], None if y is None else y[start:end], self.block_bytes))
+            start = end
+        self.parts = [(x[start:], None if y is None else y[start:])] if start < len(x) else []
+        self.buffered = len(x) - start
+
+    def finish(self) -> list[Shard]:
+        if self.buffered:
+            self._flush(final=True)
+        return self.shards
+
+
+class FeatureStats:
+    """Per-feature count, mean, std, min and max over the train split, merged chunk by chunk (Chan et al.)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2, self.lo, self.hi = 0, None, None, None, None
+
+    def add(self, x: np.ndarray) -> None:
+        v = x.reshape(len(x), -1).astype(np.float64)
+        if v.shape[1] > MAX_STAT_FEATURES:
+            return
+        mean, m2 = v.mean(0), ((v - v.mean(0)) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2, self.lo, self.hi = len(v), mean, m2, v.min(0), v.max(0)
+            return
+        total, delta = self.n + len(v), mean - self.mean
+        self.mean = self.mean + delta * len(v) / total
+        self.m2 = self.m2 + m2 + delta**2 * self.n * len(v) / total
+        self.lo, self.hi, self.n = np.minimum(self.lo, v.min(0)), np.maximum(self.hi, v.max(0)), total
+
+    def result(self) -> dict | None:
+        if self.n == 0 or not all(np.isfinite(a).all() for a in (self.mean, self.m2, self.lo, self.hi)):
+            return None
+        std = np.sqrt(self.m2 / self.n)
+        return {"count": self.n, "mean": self.mean.tolist(), "std": std.tolist(), "min": self.lo.tolist(), "max": self.hi.tolist()}
 
 
 def prepare_destination(dest: str, overwrite: bool) -> None:

@@ -4,6 +4,7 @@ training, evaluation and inference share (normalise, encode, decode, reconstruct
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ def output_likelihood(setting: str, dtype: str) -> str:
 
 
 class AAE:
-    def __init__(self, model: ModelConfig, prior: PriorConfig, shape: tuple[int, ...], dtype: str, num_classes: int, table: dict | None = None):
+    def __init__(self, model: ModelConfig, prior: PriorConfig, shape: tuple[int, ...], dtype: str, num_classes: int, table: dict | None = None,
+                 scaling: dict | None = None):
         self.cfg, self.variant = model, variant(model.variant)
         self.shape, self.dtype, self.num_classes = tuple(shape), dtype, num_classes
         self.output = output_likelihood(model.output, dtype)
@@ -32,10 +34,19 @@ class AAE:
             from .rows import RowLayout
 
             self.rows, self.output = RowLayout(table), "rows"
-        self.scale = 255.0 if dtype == "uint8" else 1.0
+        self.offset, self.divide, self.scale = input_scaling(scaling, dtype, self.shape)
         self.nets: dict[str, nn.Module] = build_networks(model, self.shape, num_classes)
+        if self.rows is not None and not model.decoder.class_path:
+            start_at_marginals(self.nets["decoder"], self.rows.output_bias())
         self.prior = build_prior(prior, model.latent_dim)
         self.device = torch.device("cpu")
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, prior: PriorConfig, manifest) -> "AAE":
+        """The AAE for a dataset: its sample shape, dtype and table come from the manifest, K from
+        model.num_classes or the manifest's classes."""
+        return cls(model, prior, tuple(manifest.shape), manifest.dtype, model.num_classes or manifest.num_classes, table=manifest.table,
+                   scaling=getattr(manifest, "scaling", None))
 
     def to(self, device) -> "AAE":
         self.device = torch.device(device)
@@ -66,7 +77,11 @@ class AAE:
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
-        return x.float().div_(self.scale) if self.scale != 1.0 else x.float()
+        if isinstance(self.divide, torch.Tensor):  # per-feature statistics from the manifest
+            self.offset, self.divide = self.offset.to(x.device), self.divide.to(x.device)
+            return (x.float() - self.offset) / self.divide
+        x = x.float().sub_(self.offset) if self.offset else x.float()
+        return x.div_(self.divide) if self.divide != 1.0 else x
 
     def one_hot(self, labels: torch.Tensor, extra: int = 0) -> torch.Tensor:
         """One-hot labels; unknown labels (-1) become the extra 'unlabelled' class when extra=1."""
@@ -130,6 +145,29 @@ class AAE:
     def load_state_dict(self, state: dict) -> None:
         for n, m in self.nets.items():
             m.load_state_dict(state[n])
+
+
+def start_at_marginals(decoder: nn.Module, bias: torch.Tensor) -> None:
+    """A table's built-in decoder starts with its last layer's bias at the columns' real rates (RowLayout.output_bias);
+    a user's own decoder (model.decoder.class_path) is left as its class built it."""
+    last = [m for m in decoder.modules() if isinstance(m, nn.Linear)]
+    if getattr(decoder, "up", None) is None and last and last[-1].bias is not None and last[-1].bias.shape == bias.shape:
+        with torch.no_grad():
+            last[-1].bias.copy_(bias)
+
+
+def input_scaling(scaling: dict | None, dtype: str, shape: tuple[int, ...]):
+    """(offset, divide, scale) from the manifest's `scaling`: numbers, or per-feature tensors shaped like a sample.
+    Manifests and checkpoints without one get today's rule, uint8 pixels / 255 and other dtypes as they are; `scale`
+    is what turns a Bernoulli mean back into a uint8 pixel (1 where the scaling is per feature)."""
+    if scaling is None:
+        divide = 255.0 if dtype == "uint8" else 1.0
+        return 0.0, divide, divide
+    off, div = scaling["offset"], scaling["divide"]
+    if isinstance(off, list) or isinstance(div, list):
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32).expand(math.prod(shape)).reshape(shape).clone()  # noqa: E731
+        return as_tensor(off), as_tensor(div), 1.0
+    return float(off), float(div), float(div)
 
 
 def reconstruction_error(output: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
