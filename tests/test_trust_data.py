@@ -296,3 +296,23 @@ def test_sample_out_on_object_storage(world, s3_server, capsys):
     assert run_cli(["sample", world / "runs" / "existing", "--n", "4", "--out", f"{base}/new.png"], capsys)[0] == 0
     fs.invalidate_cache()
     assert fs.cat(f"{base}/new.png")[:4] == b"\x89PNG"
+
+
+def test_a_failed_shard_overwrite_leaves_the_old_dataset_whole(tmp_path, capsys):
+    """Images decode while shards are written: a bad image found half-way must not cost the old dataset."""
+    from PIL import Image
+
+    src = tmp_path / "img"
+    for label in ("a", "b"):
+        (src / label).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(src / label / f"{i:02d}.png")
+    dest = str(tmp_path / "ds")
+    argv = ["shard", f"images:{src}", dest, "--image-size", "8", "--shard-size", "4", "--quiet"]
+    assert main(argv) == 0
+    before = tree_digest(dest)
+    (src / "b" / "11.png").write_bytes(b"not a png")  # sorted last: found after shards were written
+    code, err = run_cli(argv + ["--overwrite"], capsys)
+    assert code == 2 and "11.png" in err, err
+    assert tree_digest(dest) == before
+    assert main(["verify", dest]) == 0

@@ -33,7 +33,51 @@ def write_source(dest: str, opened: Opened, *, validation_size: int = 0, shard_s
         raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}")
     if validation_size > 0:
         check_validation(opened, validation_size)
-    prepare_destination(dest, overwrite)  # every check above this line: nothing old is touched before
+    with Replacement(dest, overwrite) as target:
+        manifest = _write_shards(target.folder, opened, validation_size, shard_size, progress, block_bytes)
+        target.commit(manifest)
+    return manifest
+
+
+class Replacement:
+    """Where a dataset is written: DEST itself when it holds none, else a staging folder inside it, so an existing
+    dataset stays whole until the new one is completely written (a failure removes the staging folder and
+    nothing else); `commit` then replaces only what the old manifest listed and writes the manifest last."""
+
+    STAGING = ".staging"
+
+    def __init__(self, dest: str, overwrite: bool):
+        self.dest, self.staging = dest, None
+        if storage.exists(storage.join(dest, MANIFEST)):
+            if not overwrite:
+                raise UserError(f"a dataset already exists at {storage.redact(dest)}: pass --overwrite to replace it")
+            self.staging = storage.join(dest, self.STAGING)
+            storage.remove(self.staging)  # what a killed earlier --overwrite left
+        self.folder = self.staging or dest
+
+    def __enter__(self) -> "Replacement":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None and self.staging:
+            storage.remove(self.staging)
+
+    def commit(self, manifest: Manifest) -> None:
+        if self.staging:
+            prepare_destination(self.dest, overwrite=True)
+            _move_up(self.staging, self.dest, manifest)
+        storage.write_bytes_atomic(storage.join(self.dest, MANIFEST), manifest.to_json().encode())
+
+
+def _move_up(staging: str, dest: str, manifest: Manifest) -> None:
+    fs, _ = storage.filesystem(dest)
+    for file in (f.file for sp in manifest.splits.values() for s in sp.shards for f in (s.x, s.y) if f is not None):
+        src, dst = storage.filesystem(storage.join(staging, file))[1], storage.filesystem(storage.join(dest, file))[1]
+        storage.with_retries("moving", dest, lambda: fs.mv(src, dst))
+    storage.remove(staging)
+
+
+def _write_shards(dest: str, opened: Opened, validation_size: int, shard_size: int, progress: bool, block_bytes: int) -> Manifest:
     names = list(opened.counts) + (["validation"] if validation_size > 0 else [])
     writers = {n: ShardWriter(dest, n, shard_size, opened.labels, block_bytes) for n in names}
     stats = FeatureStats() if opened.features == "vector" and opened.stats is None else None
@@ -55,7 +99,6 @@ def write_source(dest: str, opened: Opened, *, validation_size: int = 0, shard_s
                         class_names=opened.class_names, features=opened.features,
                         scaling=opened.scaling or default_scaling(str(np.dtype(opened.dtype))),
                         stats=opened.stats or (stats.result() if stats else None))
-    storage.write_bytes_atomic(storage.join(dest, MANIFEST), manifest.to_json().encode())
     return manifest
 
 
