@@ -9,6 +9,7 @@ trials by --metric, read from each trial's summary.json, and is written to STORA
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,7 +22,8 @@ import time
 from . import runfolder, storage
 from .config import Config, load_config
 from .errors import UserError
-from .launch import check_feasible, ensure_default_data, preflight, ray_storage, torch_trainer
+from .launch import ensure_default_data, make_plan
+from .ray_launch import check_feasible, ray_storage, torch_trainer
 from .ray_connect import connect_ray
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -109,11 +111,11 @@ def _trial(params: dict, spec: dict) -> None:
     storage.write_bytes_atomic(storage.join(run_url, "config.json"), json.dumps(cfg.to_dict(redact=True), indent=1).encode())
     if cfg.run.worker_range[1] == 1:  # one worker: it is this trial process (no second Ray Train layer to start)
         from .training.session import TuneSession
-        from .training.trainer import Trainer
+        from .training.trainer import Trainer, worker_options
 
-        Trainer(cfg, TuneSession(run_url, cfg.train.keep_checkpoints)).fit()
+        Trainer(cfg, TuneSession(run_url, cfg.train.keep_checkpoints), **worker_options(cfg)).fit()
     else:
-        result = torch_trainer(cfg, run_url, time.time(), callbacks=[TuneReportCallback()]).fit()
+        result = torch_trainer(cfg, make_plan(cfg, run_url), time.time(), callbacks=[TuneReportCallback()]).fit()
         if result.error:
             raise result.error
     write_hparams(run_url, params, spec["metric"])
@@ -198,28 +200,57 @@ def show(rows: list[dict], keys: list[str], metric: str) -> str:
 
 
 def sweep_from_cli(args) -> int:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     grid, sample = parse_grid(args.grid), parse_sample(args.sample)
     if not grid and not sample:
         raise UserError("sweep needs at least one --grid KEY=V1,V2 or --sample KEY=DIST")
-    overrides = list(args.overrides) + [f"run.workers={args.workers_per_trial}"]
-    if args.address:
-        overrides.append(f"run.address={args.address}")
+    cfg = sweep_config(args, grid, sample)
+    name, root, sweep_url = sweep_folder(args, cfg)
+    verbose = getattr(args, "verbose", False)
+    plan = make_plan(cfg, sweep_url, check=True)  # the base config's plan: pre-flight, and the steps ASHA's rungs stop at
+    check_feasible(plan, cfg.run)
+    connect_ray(cfg.run.address, verbose)
+    grid_points = math.prod(len(v) for v in grid.values())
+    spec = {"config": cfg.to_dict(), "sweep_url": sweep_url, "metric": args.metric, "grid_points": grid_points,
+            "vary_seed": args.trials > 1 and "train.seed" not in grid and "train.seed" not in sample}
+    keys = list(grid) + list(sample)
+    print(f"aae-dist: sweep '{name}' over {', '.join(keys)}: {args.trials} x {grid_points} trials, "
+          f"{args.workers_per_trial} worker(s) each; folder {storage.redact(sweep_url)}", flush=True)
+    _keep_credentials_out_of_trial_envs()
+    _leave_ray_working_dir()
+    tune_store = ray_storage(root)
+    tuner = _tuner(args, name, sweep_url, tune_store, _trainable(spec, plan), grid, sample, max(1, plan.total_steps()))
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # Tune's own tables; ours follows
+        grid_result = tuner.fit()
+    return _report(args, name, sweep_url, keys, _trial_records(grid_result, sweep_url, keys, tune_store))
+
+
+def sweep_config(args, grid: dict, sample: dict) -> Config:
+    """The trials' base config (each trial a Ray Train run of --workers-per-trial workers), every swept value checked."""
+    overrides = [*args.overrides, f"run.workers={args.workers_per_trial}", *([f"run.address={args.address}"] if args.address else [])]
     cfg = load_config(args.config, overrides)
     if cfg.run.cpus_per_worker is None:  # trials share the cluster: one core per worker unless asked otherwise
-        overrides.append("run.cpus_per_worker=1")
-        cfg = load_config(args.config, overrides)
-    for key, values in grid.items():  # every swept value is a valid config value: checked before Ray starts
-        for v in values:
-            load_config(args.config, overrides + [f"{key}={v}"])
-    for key, (kind, vals) in sample.items():
-        load_config(args.config, overrides + [f"{key}={vals[0] if kind == 'choice' else float(vals[0])}"])
+        cfg.run.cpus_per_worker = 1
+    check_values(cfg, grid, sample)
     if not cfg.run.uses_ray:
         raise UserError("--workers-per-trial must be at least 1: each trial is a Ray Train run")
     if not cfg.data.path:
         cfg.data.path = ensure_default_data()
+    return cfg
+
+
+def check_values(cfg: Config, grid: dict, sample: dict) -> None:
+    """Every swept value is a valid config value, checked before Ray starts: one load per value over the
+    resolved config (the YAML file is read once, by the caller)."""
+    base = cfg.to_dict()
+    items = [f"{key}={v}" for key, values in grid.items() for v in values]
+    items += [f"{key}={vals[0] if kind == 'choice' else float(vals[0])}" for key, (kind, vals) in sample.items()]
+    for item in items:
+        load_config(None, [item], base=base)
+
+
+def sweep_folder(args, cfg: Config) -> tuple[str, str, str]:
+    """(name, storage root, sweep URL), refusing a start --resume does not allow."""
     name = runfolder.check_name(args.name) if args.name is not None else time.strftime("sweep-%Y%m%d-%H%M%S")
     root = args.storage or cfg.run.storage
     if storage.is_local(root):
@@ -230,46 +261,41 @@ def sweep_from_cli(args) -> int:
         raise UserError(f"sweep '{name}' already exists at {storage.redact(root)}: pass --resume to continue it or choose another --name")
     if args.resume and not exists:
         raise UserError(f"--resume: no sweep named '{name}' at {storage.redact(root)}: check --name/--storage")
-    preflight(cfg)
-    check_feasible(cfg)
-    connect_ray(cfg.run.address, getattr(args, "verbose", False))
-    grid_points = math.prod(len(v) for v in grid.values())
-    spec = {"config": cfg.to_dict(), "sweep_url": sweep_url, "metric": args.metric, "grid_points": grid_points,
-            "vary_seed": args.trials > 1 and "train.seed" not in grid and "train.seed" not in sample}
-    # one worker per trial: the trial process trains and holds its cores; more: it only waits on its
-    # TorchTrainer, so it asks for no CPU (Tune needs some resource: 1 byte of memory)
-    one = cfg.run.worker_range[1] == 1
-    trainable = tune.with_parameters(tune.with_resources(_trial, {"CPU": cfg.run.cpus_per_worker} if one else {"CPU": 0, "memory": 1}), spec=spec)
-    steps = total_steps(cfg)
+    return name, root, sweep_url
+
+
+def _trainable(spec: dict, plan):
+    """One worker per trial: the trial process trains and holds its cores; more: it only waits on its
+    TorchTrainer, so it asks for no CPU (Tune needs some resource: 1 byte of memory)."""
+    from ray import tune
+
+    one = plan.workers[1] == 1
+    return tune.with_parameters(tune.with_resources(_trial, {"CPU": plan.resources["CPU"]} if one else {"CPU": 0, "memory": 1}), spec=spec)
+
+
+def _tuner(args, name: str, sweep_url: str, tune_store: dict, trainable, grid: dict, sample: dict, steps: int):
+    """A new Tuner over the search space, or the interrupted one restored (--resume)."""
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.schedulers import ASHAScheduler
+
+    if args.resume:
+        fs = {"storage_filesystem": tune_store["storage_filesystem"]} if "storage_filesystem" in tune_store else {}
+        return Tuner.restore(storage.join(tune_store["storage_path"], name) if fs else sweep_url, trainable,
+                             resume_unfinished=True, resume_errored=True, **fs)
     scheduler = None  # runs too short to prune: every trial runs to its end
     if args.grace_steps < steps:  # ASHA's rungs at grace x 3^k steps, before the final report (evaluation), never on it
         scheduler = ASHAScheduler(time_attr="step", metric=args.prune_on, mode="min", grace_period=max(1, args.grace_steps),
                                   max_t=steps + 1, reduction_factor=3)
-    keys = list(grid) + list(sample)
-    print(f"aae-dist: sweep '{name}' over {', '.join(keys)}: {args.trials} x {grid_points} trials, "
-          f"{args.workers_per_trial} worker(s) each; folder {storage.redact(sweep_url)}", flush=True)
-    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+    return Tuner(
+        trainable,
+        param_space=search_space(grid, sample),
+        tune_config=TuneConfig(num_samples=args.trials, scheduler=scheduler, max_concurrent_trials=args.max_concurrent or None),
+        run_config=RunConfig(name=name, **tune_store, failure_config=FailureConfig(max_failures=args.trial_retries), verbose=0),
+    )
 
-    _keep_credentials_out_of_trial_envs()
-    _leave_ray_working_dir()
-    tune_store = ray_storage(root)
-    if args.resume:
-        tuner = Tuner.restore(storage.join(tune_store["storage_path"], name) if "storage_filesystem" in tune_store else sweep_url,
-                              trainable, resume_unfinished=True, resume_errored=True,
-                              **({"storage_filesystem": tune_store["storage_filesystem"]} if "storage_filesystem" in tune_store else {}))
-    else:
-        tuner = Tuner(
-            trainable,
-            param_space=search_space(grid, sample),
-            tune_config=TuneConfig(num_samples=args.trials, scheduler=scheduler, max_concurrent_trials=args.max_concurrent or None),
-            run_config=RunConfig(name=name, **tune_store, failure_config=FailureConfig(max_failures=args.trial_retries), verbose=0),
-        )
-    import contextlib
 
-    quiet = contextlib.nullcontext() if getattr(args, "verbose", False) else contextlib.redirect_stdout(io.StringIO())
-    with quiet:  # Tune's own tables; ours follows
-        grid_result = tuner.fit()
-    # Tune's own view of each trial: an interrupted sweep leaves its unfinished trials PENDING (resumable)
+def _trial_records(grid_result, sweep_url: str, keys: list[str], tune_store: dict) -> list[dict]:
+    """Tune's own view of each trial: an interrupted sweep leaves its unfinished trials PENDING (resumable)."""
     states = saved_states(grid_result.experiment_path, tune_store)
     trials = []
     for r in grid_result:
@@ -278,6 +304,11 @@ def sweep_from_cli(args) -> int:
         status = "ERROR" if r.error else "DONE" if finished else "PENDING" if states.get(trial_id) in ("PENDING", "RUNNING", None) else "STOPPED"
         trials.append({"trial": trial_id, "status": status, "params": {k: (r.config or {}).get(k) for k in keys},
                        "step": (r.metrics or {}).get("step")})
+    return trials
+
+
+def _report(args, name: str, sweep_url: str, keys: list[str], trials: list[dict]) -> int:
+    """The ranked table (printed and sweep.csv) and the exit status: 130 interrupted, 1 every trial failed."""
     rows = results_table(sweep_url, keys, args.metric, args.mode, trials)
     storage.write_bytes_atomic(storage.join(sweep_url, "sweep.csv"), to_csv(rows).encode())
     print(show(rows, keys, args.metric))
@@ -288,16 +319,6 @@ def sweep_from_cli(args) -> int:
         return 130
     failed = [t for t in trials if t["status"] == "ERROR"]
     return 1 if failed and len(failed) == len(trials) else 0
-
-
-def total_steps(cfg: Config) -> int:
-    from .data import read_manifest
-
-    world = max(1, cfg.run.worker_range[1])
-    per_epoch = read_manifest(cfg.data.path).split("train", cfg.data.path).count // world // cfg.data.batch_size
-    steps = cfg.train.epochs * per_epoch
-    return max(1, min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps)
-
 
 
 def _trial_id_from_path(path: str | None) -> str:

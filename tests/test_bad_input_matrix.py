@@ -136,7 +136,7 @@ def test_tiny_dataset_trains_with_one_worker(world):
 
 def test_local_storage_refused_on_a_multi_node_cluster():
     from aae_dist.errors import UserError
-    from aae_dist.launch import check_shared_storage
+    from aae_dist.ray_launch import check_shared_storage
 
     with pytest.raises(UserError, match="local path but the cluster has 2 nodes"):
         check_shared_storage("/tmp/runs", 2)

@@ -66,7 +66,8 @@ def test_pruning_reads_metrics_json_as_untrusted_input(tmp_path):
 RAY_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from aae_dist.config import load_config
-    from aae_dist.launch import torch_trainer
+    from aae_dist.launch import make_plan
+    from aae_dist.ray_launch import torch_trainer
     from aae_dist.ray_connect import connect_ray
 
     storage, data = sys.argv[1], sys.argv[2]
@@ -76,7 +77,7 @@ RAY_SCRIPT = textwrap.dedent("""
     out = []
     for steps in (15, 20):  # the second fit resumes the same run (same RunConfig name and storage)
         cfg = load_config(None, sets + ["train.max_steps=%d" % steps])
-        result = torch_trainer(cfg, storage + "/r", time.time()).fit()
+        result = torch_trainer(cfg, make_plan(cfg, storage + "/r"), time.time()).fit()
         out.append({{"error": repr(result.error) if result.error else None,
                      "checkpoint": result.checkpoint.path if result.checkpoint else None,
                      "best": [c.path for c, _ in result.best_checkpoints]}})

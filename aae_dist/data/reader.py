@@ -25,6 +25,7 @@ from .. import seeds
 
 from .. import storage
 from ..errors import UserError
+from ..plan import check_split
 from .format import LABEL_DTYPE, Manifest, Shard, check_array, decode_npy, is_sha256, read_manifest
 
 UNLABELED = -1
@@ -39,6 +40,13 @@ class Segment:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches `(x uint8 [B,*shape], y int64 [B])` of this rank's samples; y is -1 where unknown/hidden."""
+
+    @classmethod
+    def from_config(cls, data, rank: int = 0, world: int = 1, *, seed: int = 0, manifest: Manifest | None = None) -> "ShardStream":
+        """The training stream of a rank, built from the data section (data.*) alone."""
+        return cls(data.path, "train", data.batch_size, rank=rank, world_size=world, seed=seed, shuffle_buffer=data.shuffle_buffer,
+                   drop_last=True, cache_dir=data.cache_dir, prefetch=data.prefetch, connections=data.connections,
+                   request_bytes=data.request_bytes, labeled_per_class=data.labeled_per_class, manifest=manifest)
 
     def __init__(
         self,
@@ -66,10 +74,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.url, self.split_name = url, split
         self.manifest = manifest or read_manifest(url)
         self.split = self.manifest.split(split, url)
-        if world_size > self.split.count:
-            raise UserError(
-                f"{world_size} ranks but split '{split}' of {storage.redact(url)} has only {self.split.count} samples: use fewer workers"
-            )
+        check_split(self.split.count, world_size, batch_size, url, split, drop_last=drop_last, who="ranks")  # the run plan's check
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer, self.drop_last = seed, shuffle, shuffle_buffer, drop_last
         self.cache_dir, self.prefetch = cache_dir, max(0, prefetch)
@@ -80,10 +85,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         # growing it copied the pool each time, and fresh memory costs page faults (bench_data.py)
         self._slots = _Slots(shuffle_buffer + batch_size + max(s.count for s in self.split.shards)) if shuffle else _Slots()
         self.per_rank = self.split.count // world_size
-        if drop_last and self.per_rank < batch_size:
-            raise UserError(
-                f"split '{split}' gives each of {world_size} ranks {self.per_rank} samples, fewer than one batch of {batch_size}: lower data.batch_size or use fewer workers"
-            )
         self.shape = tuple(self.manifest.shape)
         self.dtype = np.dtype(self.manifest.dtype)
         self.label_mask = self._choose_labeled(labeled_per_class) if labeled_per_class is not None else None

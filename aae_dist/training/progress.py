@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..plan import RunPlan, capped
+
 
 @dataclass
 class Progress:
@@ -25,6 +27,11 @@ class Progress:
     def __post_init__(self):
         self.stage_steps = self.steps_per_epoch
 
+    @classmethod
+    def planned(cls, plan: RunPlan, world_size: int, stage_length: Callable[[int, tuple], int] | None = None) -> "Progress":
+        """Where a run of this plan starts, on a group of `world_size` workers (elastic: not always the plan's largest)."""
+        return cls(plan.steps_per_epoch(world_size), plan.epochs, plan.max_steps, world_size, stage_length, micro_batches=plan.accumulate)
+
     def advance(self) -> None:
         self.step += 1
         self.batch += 1
@@ -37,9 +44,10 @@ class Progress:
         return self.epoch + min(1.0, done / self.steps_per_epoch)
 
     def total_steps(self) -> int:
+        """The plan's total (RunPlan.total_steps) as this group sees it: after an elastic resize, the steps
+        taken so far plus what the current stage and the epochs left give."""
         remaining = (self.stage_steps - self.batch) + (self.epochs - self.epoch - 1) * self.steps_per_epoch if self.epoch < self.epochs else 0
-        total = self.step + max(0, remaining)
-        return min(total, self.max_steps) if self.max_steps else total
+        return capped(self.step + max(0, remaining), self.max_steps)
 
     def finished(self) -> bool:
         return self.epoch >= self.epochs or (self.max_steps is not None and self.step >= self.max_steps)
