@@ -125,8 +125,19 @@ class ModelConfig(Section):
         return {k: d[k] for k in self.architecture_keys() if not (k in NETWORK_KEYS and d[k]["class_path"] is None)}
 
 
+PRIOR_KINDS: dict[str, tuple[str, ...]] = {  # kind -> its parameters; aae_dist.models.priors.prior registers more
+    "gaussian": ("std",), "uniform": ("low", "high"), "gamma": ("shape", "scale"),
+    "mixture": ("components", "radius", "radial_std", "tangential_std"), "swiss_roll": ("components", "radius"),
+    "categorical": ("components",),
+}
+
+
 class PriorConfig(Section):
-    kind: Literal["gaussian", "uniform", "gamma", "mixture", "swiss_roll", "categorical"] = Field("gaussian", description="the prior p(z) codes are matched to")
+    """Every kind's parameters under one section (so every key works from YAML and --set); `params()` is the
+    chosen kind's own, which the kind's class in models/priors.py checks and builds from."""
+
+    kind: str = Field("gaussian", description="the prior p(z) codes are matched to: gaussian|uniform|gamma|mixture|swiss_roll|categorical, "
+                                              "or one registered by a module in train.imports")
     std: float = Field(1.0, gt=0, le=1e6, description="gaussian")
     low: float = Field(-1.0, ge=-1e6, le=1e6, description="uniform")
     high: float = Field(1.0, ge=-1e6, le=1e6, description="uniform: upper bound")
@@ -136,6 +147,21 @@ class PriorConfig(Section):
     radius: float = Field(4.0, gt=0, le=1e6, description="mixture: distance of component means from the origin")
     radial_std: float = Field(0.5, gt=0, le=1e6, description="mixture: spread of a component along its radius")
     tangential_std: float = Field(0.1, gt=0, le=1e6, description="mixture: spread of a component across its radius")
+    options: dict[str, Annotated[float, Field(ge=-1e6, le=1e6)]] = Field({}, description="parameters of a prior registered by train.imports "
+                                                                          "(the built-in kinds take theirs above)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v):
+        if v not in PRIOR_KINDS:
+            raise ValueError(f"{v!r} is not a prior: use one of {', '.join(PRIOR_KINDS)}, or register yours "
+                             "(aae_dist.models.priors.prior) in a module named by train.imports")
+        return v
+
+    def params(self) -> dict:
+        """The chosen kind's parameters: its fields here, then prior.options."""
+        names = PRIOR_KINDS[self.kind]
+        return {**{n: getattr(self, n) for n in names if n in type(self).model_fields}, **self.options}
 
 
 class PhaseConfig(Section):
@@ -150,6 +176,8 @@ class PhaseConfig(Section):
     schedule: Literal["constant", "cosine", "step"] = Field("constant", description="learning-rate shape over the run")
     decay_every: int = Field(10_000, gt=0, le=MAX_STEPS, description="schedule=step")
     decay: float = Field(0.1, gt=0, le=1e6, description="schedule=step and decay_epochs")
+    terms: dict[str, Annotated[float, Field(ge=0, le=MAX_SCALE)]] = Field({}, description="weights of loss terms registered for this "
+                                                                          "phase under these names (train.imports; 0 or absent: off)")
 
 
 class ReconstructionPhaseConfig(PhaseConfig):
@@ -223,6 +251,10 @@ class TrainConfig(Section):
                                                         "(e.g. reconstruction/loss), besides the newest keep_checkpoints; Ray ranks "
                                                         "Result.best_checkpoints by it too")
     keep_best_mode: Literal["min", "max"] = Field("min", description="keep_best: whether the lowest or the highest value is best")
+    callbacks: list[str] = Field([], description="trainer callbacks, 'module:function' each, called as fn(event, **info) on the "
+                                                 "workers (events 'step', 'checkpoint_written'; see aae_dist/training/callbacks.py)")
+    imports: list[str] = Field([], description="modules every worker imports before building: they may register loss terms "
+                                               "(aae_dist.training.terms.term) and priors (aae_dist.models.priors.prior)")
 
     @model_validator(mode="after")
     def _one_way_to_save_bytes(self):
@@ -309,6 +341,27 @@ class Config(Section):
     train: TrainConfig = Field(TrainConfig(), description="length, checkpoints, numerics, evaluation")
     run: RunSection = Field(RunSection(), description="run name, storage, workers, cluster")
     log: LogConfig = Field(LogConfig(), description="experiment trackers beside TensorBoard: MLflow, W&B")
+    _given: frozenset = PrivateAttr(frozenset())  # dotted keys a base, YAML file or --set gave (load_config fills it)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, doc):
+        """train.imports first: the loss terms and prior kinds they register are then known to the checks."""
+        import importlib
+
+        names = ((doc or {}).get("train") or {}).get("imports") or [] if isinstance(doc, dict) else []
+        for name in names if isinstance(names, list) else []:
+            try:
+                importlib.import_module(str(name))
+            except ImportError as e:
+                raise ValueError(f"train.imports: module {name!r} cannot be imported ({e}): make it importable where aae-dist "
+                                 "and its workers run (PYTHONPATH, submit --py-modules)") from None
+        return doc
+
+    def given(self, key: str) -> bool:
+        """Whether the user set `key` (or a section holding it): a default that depends on the dataset (e.g. a
+        table's smaller networks) is applied only where this is false."""
+        return any(g == key or g.startswith(key + ".") or key.startswith(g + ".") for g in self._given)
 
     def to_dict(self, redact: bool = False) -> dict:
         """Plain data; redact=True drops credentials from URLs before the config is saved or logged."""
@@ -389,8 +442,8 @@ def set_value(section: Section, key: str, value, origin: str) -> None:
 def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Defaults <- YAML file <- `--set KEY=VALUE` (values parsed as YAML scalars)."""
     doc: dict = _merge(Config().to_dict(), base or {})  # sections keep their defaults when one key is set
-    if path:
-        doc = _merge(doc, read_config_file(path))
+    from_file = read_config_file(path) if path else {}
+    doc = _merge(doc, from_file)
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
@@ -401,9 +454,19 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
             value = raw
         _set_path(doc, key.strip(), value, f"--set {item}")
     try:
-        return Config.model_validate(doc)
+        cfg = Config.model_validate(doc)
     except ValidationError as exc:
         raise _explain(exc, path or "--set") from None
+    cfg._given = frozenset(_dotted(base or {}) | _dotted(from_file) | {item.partition("=")[0].strip() for item in overrides})
+    return cfg
+
+
+def _dotted(doc: dict, prefix: str = "") -> set[str]:
+    """The dotted keys of a nested mapping's leaves (a value that is a mapping is descended into)."""
+    out = set()
+    for k, v in doc.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return out
 
 
 def read_config_file(path: str) -> dict:

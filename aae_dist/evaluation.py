@@ -67,11 +67,20 @@ class Evaluator:
             out["classify_error"] = float(sums[2] / sums[3])
         if "cluster_error" in wanted and self.manifest.labels:
             out.update(self.cluster_metrics(split))
-        if self.cfg.model.regularizer == "adversarial" or self.cfg.model.posterior == "gaussian":
-            out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])
+        out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])  # every regularizer's codes aim at the prior
         if self.cfg.train.parzen_samples:
             out.update(self.parzen(split))
+        if self.aae.rows is not None and self.rank == 0:
+            out.update(self.table_report(split))
         return out
+
+    def table_report(self, split: str) -> dict:
+        """A table run's row report (quality, efficacy, privacy: tabular.py) in full under 'table' and as flat
+        table/... numbers; rank 0 alone (it gathers nothing), on rows generated with the run's seed."""
+        from .tabular import report_of, report_scalars
+
+        report = report_of(self.aae, self.path, split, seed=self.cfg.train.seed)
+        return {**report_scalars(report), "table": report}
 
     # ---- clustering ------------------------------------------------------------------------
     def assignments(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -59,3 +59,32 @@ NAMES = tuple(VARIANTS)
 
 def variant(name: str) -> Variant:
     return VARIANTS[name]
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    """How codes are pushed towards the prior (model.regularizer): the phases (and so discriminators) it
+    adds after reconstruction, the reconstruction terms it adds, and the posterior it needs."""
+
+    name: str
+    phases: tuple[str, ...]  # in step order; discriminator_cat only where the variant is categorical
+    terms: tuple[str, ...] = ()  # reconstruction terms switched on by this row
+    posterior: str | None = None  # the model.posterior it needs, if any
+
+
+REGULARIZERS: dict[str, Regularizer] = {
+    r.name: r
+    for r in (
+        Regularizer("adversarial", phases=("discriminator_cat", "discriminator", "generator")),
+        Regularizer("kl", phases=(), terms=("kl",), posterior="gaussian"),  # the VAE baseline: negative ELBO, no D
+    )
+}
+
+
+def regularizer(name: str) -> Regularizer:
+    return REGULARIZERS[name]
+
+
+def discriminators(row: Variant, reg: Regularizer) -> tuple[str, ...]:
+    """The discriminator networks a (variant, regularizer) trains: one per adversarial phase it has."""
+    return tuple(p for p in reg.phases if p.startswith("discriminator") and (p != "discriminator_cat" or row.categorical))

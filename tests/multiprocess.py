@@ -1,5 +1,6 @@
 """Run N workers as plain local processes (gloo) without Ray: for tests and benchmarks that
-need real DDP but not Ray's start-up cost.  Users go through Ray (`aae-dist train --workers N`)."""
+need real DDP but not Ray's start-up cost.  Users go through Ray (`aae-dist train --workers N`).
+Test scaffolding, so it lives under tests/ (benchmarks put this folder on sys.path)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..config import Config
+from aae_dist.config import Config
 
 
 def _free_port() -> int:
@@ -21,14 +22,16 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, run_url: str, threads: int) -> None:
-    from .session import LocalSession
-    from .trainer import Trainer
+    from aae_dist.training.session import LocalSession
+    from aae_dist.training.trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = Config.model_validate(cfg_dict)
-    Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world)).fit()
+    from aae_dist.training.trainer import worker_options
+
+    Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints, rank=rank, world_size=world), **worker_options(cfg)).fit()
     dist.barrier()  # rank 0 may still be writing the summary: leave the group together
     dist.destroy_process_group()
     # gloo's threads can abort the interpreter's finalisation ("terminate called without an active

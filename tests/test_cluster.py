@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import faults
 from conftest import SMALL_MODEL
 from raycluster import LocalCluster, loopback_env
 
@@ -30,8 +31,9 @@ STEP_LOG = f"/tmp/aae-steps-{os.getpid()}.log"  # every rank of every run here a
 def cluster(s3_server):
     bin_dir = os.path.dirname(sys.executable)
     # run "kill": rank 0 dies (SIGKILL) halfway through writing its step-10 checkpoint
-    c = LocalCluster({"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                      "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}", "AAE_DIST_STEP_LOG": STEP_LOG, "AAE_DIST_STEP_DELAY": "0.05"})
+    c = LocalCluster(faults.environment({"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                                         "AAE_DIST_FAULT": f"kill:10:{FAULT_MARKER}", "AAE_DIST_STEP_LOG": STEP_LOG,
+                                         "AAE_DIST_STEP_DELAY": "0.05"}))
     try:
         c.start_head(1, {"head_node": 1})
         c.add_node(1, {"worker_node": 1})
@@ -72,7 +74,7 @@ def s3_keys(s3_server, prefix):
 
 def sets(*extra):
     out = []
-    for s in SMALL_MODEL + list(extra):
+    for s in SMALL_MODEL + [faults.CALLBACK] + list(extra):  # inert unless the cluster's AAE_DIST_* variables ask
         out += ["--set", s]
     return out
 
@@ -146,7 +148,7 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
     the half-written checkpoint was never resumed from."""
     import random
 
-    from aae_dist.training.faults import read_step_log
+    from faults import read_step_log
 
     every, rng = 5, random.Random()
     kill_at = rng.randint(18, 32)

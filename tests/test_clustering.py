@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aae_dist.config import load_config
-from aae_dist.training.multiprocess import run_processes
+from multiprocess import run_processes
 from conftest import SMALL_MODEL, read_summary
 
 K = 4

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from aae_dist.training.faults import read_step_log
+import faults
+from faults import read_step_log
 from conftest import SMALL_MODEL, ident_arrays
 from raycluster import LocalCluster, loopback_env
 
@@ -43,20 +44,20 @@ def test_elastic_group_grows_then_shrinks_and_counts_every_step_once(tmp_path, s
     x, y = ident_arrays(1100)
     data = f"s3://{s3_server['bucket']}/elastic/data"
     write_dataset(data, {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:])}, num_classes=10, source="t", shard_size=250, progress=False)
-    c = LocalCluster({"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    c = LocalCluster(faults.environment({"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                       "AAE_DIST_STEP_LOG": log, "AAE_DIST_STEP_DELAY": "0.1",
                       # a killed node is declared dead in ~2 s instead of ~30 s: the shrink happens sooner
                       "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
                       "RAY_health_check_failure_threshold": "4", "RAY_health_check_timeout_ms": "500",
                       # a group asked for on resources that just left gives up after 15 s (default 60) and asks for fewer
-                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+                      "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}))
     proc = None
     try:
         c.start_head(1)
         c.wait_nodes(1)
         sets = []
         for s in SMALL_MODEL + [f"data.path={data}", f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
-                                "data.batch_size=25", "train.epochs=1000", "run.resize_check_s=1", "train.max_failures=3", "train.parzen_samples=0"]:
+                                "data.batch_size=25", "train.epochs=1000", "run.resize_check_s=1", "train.max_failures=3", "train.parzen_samples=0", faults.CALLBACK]:
             sets += ["--set", s]
         argv = ["train", "--workers", "1:2", "--address", c.address, "--storage", f"s3://{s3_server['bucket']}/elastic/runs",
                 "--name", "el", *sets]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import re
 
+import faults
 from aae_dist import storage
 from aae_dist.cli import main
 from conftest import SMALL_MODEL, read_summary
@@ -153,7 +154,7 @@ def test_nan_policy_stop_within_the_step(tmp_path, make_dataset, capsys, workers
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and "Traceback" not in err, err
     else:
-        from aae_dist.training.multiprocess import run_processes
+        from multiprocess import run_processes
 
         cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", *sets])
         with pytest.raises(Exception) as info:
@@ -170,7 +171,7 @@ def test_nan_policy_stop_within_the_step(tmp_path, make_dataset, capsys, workers
 
 def test_nan_policy_skip_drops_updates_on_every_rank(tmp_path, make_dataset):
     from aae_dist.config import load_config
-    from aae_dist.training.multiprocess import run_processes
+    from multiprocess import run_processes
 
     data, _, _ = make_dataset(1000, 100)
     cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "train.max_steps=12", "train.nan_policy=skip",
@@ -206,18 +207,18 @@ def outage_run(tmp_path, s3_server, proxy, name, retries):
     """A run reading its shards from S3 (no cache: every epoch reads them again) and writing checkpoints
     there every 10 steps, through the proxy; it logs each step (AAE_DIST_STEP_LOG)."""
     log = tmp_path / f"{name}.log"
-    env = dict(os.environ, AWS_ENDPOINT_URL=proxy.endpoint, TQDM_DISABLE="1", AAE_DIST_STEP_LOG=str(log), AAE_DIST_STEP_DELAY="0.05",
-               AAE_STORAGE_RETRIES=str(retries))
+    env = faults.environment(dict(os.environ, AWS_ENDPOINT_URL=proxy.endpoint, TQDM_DISABLE="1", AAE_DIST_STEP_LOG=str(log),
+                                  AAE_DIST_STEP_DELAY="0.05", AAE_STORAGE_RETRIES=str(retries)))
     argv = ["train", "--workers", "0", "--storage", f"s3://{s3_server['bucket']}/outage/runs", "--name", name,
             "--set", f"data.path=s3://{s3_server['bucket']}/outage/data"]
-    for s in SMALL_MODEL + ["train.max_steps=150", "train.epochs=1000", "train.checkpoint_every=10", "train.keep_checkpoints=100", "train.parzen_samples=0"]:
+    for s in SMALL_MODEL + ["train.max_steps=150", "train.epochs=1000", "train.checkpoint_every=10", "train.keep_checkpoints=100", "train.parzen_samples=0", faults.CALLBACK]:
         argv += ["--set", s]
     proc = subprocess.Popen([sys.executable, "-m", "aae_dist.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, log
 
 
 def logged_steps(log) -> list[int]:
-    from aae_dist.training.faults import read_step_log
+    from faults import read_step_log
 
     return [s for _, _, s in read_step_log(str(log))] if os.path.exists(log) else []
 

@@ -9,10 +9,14 @@ from aae_dist.training.coordinator import Coordinator
 from aae_dist.training.phases import build_phases
 
 
+def phases_of(cfg):
+    return build_phases(cfg.phases, cfg.model, cfg.train.warmup_steps, cfg.data.labeled_per_class, cfg.train.target_recon_loss)
+
+
 def coordinator(*sets, steps_per_epoch=10):
     cfg = load_config(None, list(sets))
-    phases = build_phases(cfg)
-    return Coordinator(cfg, phases, steps_per_epoch, torch.device("cpu")), phases
+    phases = phases_of(cfg)
+    return Coordinator(cfg.train, phases, steps_per_epoch, torch.device("cpu")), phases
 
 
 def names(coord):
@@ -95,7 +99,7 @@ def test_state_round_trip():
     feed(c, phases, 0.99, 4)
     d, _ = coordinator("phases.discriminator.skip_above_accuracy=0.9", "train.sync_every=3")
     d.load_state_dict(c.state_dict())
-    assert d.step == 4 and d.skip == c.skip and torch.equal(d.buffer, c.buffer)
+    assert d.step == 4 and d.skip == c.skip and torch.equal(d.stats.buffer, c.stats.buffer)
     assert names(d) == names(c)
 
 
@@ -124,7 +128,7 @@ def test_consistency_term_is_reported_and_bounded_by_zero():
     cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
                              "model.latent_dim=2", "phases.reconstruction.consistency=2"])
     aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
-    recon = build_phases(cfg)[0]
+    recon = phases_of(cfg)[0]
     ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0))
     x = torch.rand(16, 1, 8, 8)
     _, stats = recon.loss(ctx, x, torch.zeros(16, dtype=torch.long))
@@ -157,7 +161,7 @@ def test_vat_perturbation_has_norm_eps_and_moves_y_more_than_noise():
         adversarial = _kl_y(target, enc(x + r).y_logits)
         noise = [_kl_y(target, enc(x + 0.5 * _per_sample_unit(torch.randn_like(x))).y_logits) for _ in range(5)]
     assert adversarial > 3 * max(noise)
-    recon = build_phases(cfg)[0]
+    recon = phases_of(cfg)[0]
     enc.train()
     _, stats = recon.loss(ctx, x, torch.zeros(32, dtype=torch.long))
     assert stats["vat"] > 0
@@ -202,5 +206,5 @@ def test_clean_consistency_target_skips_the_input_corruption_only():
     assert enc.training
     assert torch.equal(enc(x, generator=g, corrupt=False).y_logits, enc(x, generator=g, corrupt=False).y_logits)
     assert not torch.equal(enc(x, generator=g).y_logits, enc(x, generator=g).y_logits)
-    _, stats = build_phases(cfg)[0].loss(StepContext(dict(aae.nets), aae, g), x, torch.zeros(16, dtype=torch.long))
+    _, stats = phases_of(cfg)[0].loss(StepContext(dict(aae.nets), aae, g), x, torch.zeros(16, dtype=torch.long))
     assert stats["consistency"] > 0

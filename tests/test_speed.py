@@ -7,7 +7,7 @@ import torch
 
 from aae_dist.cli import main
 from aae_dist.config import load_config
-from aae_dist.training.multiprocess import run_processes
+from multiprocess import run_processes
 from aae_dist.training.session import LocalSession
 from aae_dist.training.trainer import Trainer
 from conftest import SMALL_MODEL, read_summary

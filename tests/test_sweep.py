@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import faults
 from conftest import SMALL_MODEL
 
 pytestmark = pytest.mark.ray
@@ -21,11 +22,11 @@ pytestmark = pytest.mark.ray
 def test_grid_sweep_ranks_every_trial_and_retries_a_killed_one(tmp_path, make_dataset):
     data, _, _ = make_dataset(600, 100)
     marker = tmp_path / "fault-fired"
-    env = dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               AAE_DIST_FAULT=f"trial_*:10:{marker}")  # the first trial to reach step 10 dies writing that checkpoint
+    env = faults.environment(dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                                  AAE_DIST_FAULT=f"trial_*:10:{marker}"))  # the first trial to reach step 10 dies writing that checkpoint
     argv = ["sweep", "--storage", str(tmp_path / "runs"), "--name", "sw", "--grid", "phases.reconstruction.lr=1e-3,1e-4",
             "--grid", "model.latent_dim=2,8", "--metric", "recon_loss", "--mode", "min"]
-    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=20", "train.checkpoint_every=5", "train.parzen_samples=0"]:
+    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=20", "train.checkpoint_every=5", "train.parzen_samples=0", faults.CALLBACK]:
         argv += ["--set", s]
     p = subprocess.run([sys.executable, "-m", "aae_dist.cli", *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -59,9 +60,10 @@ def test_an_interrupted_sweep_resumes(tmp_path, make_dataset):
     import time
 
     data, _, _ = make_dataset(600, 100)
-    env = dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", AAE_DIST_STEP_DELAY="0.05")
+    env = faults.environment(dict(os.environ, TQDM_DISABLE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                                  AAE_DIST_STEP_DELAY="0.05"))
     argv = ["sweep", "--storage", str(tmp_path / "runs"), "--name", "sw", "--grid", "phases.reconstruction.lr=1e-3,3e-4,1e-4"]
-    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=40", "train.checkpoint_every=10", "train.parzen_samples=0"]:
+    for s in SMALL_MODEL + [f"data.path={data}", "train.max_steps=40", "train.checkpoint_every=10", "train.parzen_samples=0", faults.CALLBACK]:
         argv += ["--set", s]
     cmd = [sys.executable, "-m", "aae_dist.cli", *argv]
     first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

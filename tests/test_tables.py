@@ -151,7 +151,7 @@ def test_basic_variant_trains_with_only_data_path_and_resumes_exactly(tables):
 
 def test_two_ddp_workers_train_a_table(tables, tmp_path):
     from aae_dist.config import load_config
-    from aae_dist.training.multiprocess import run_processes
+    from multiprocess import run_processes
 
     root, _ = tables
     cfg = load_config(None, SMALL_MODEL + [f"data.path={root / 'ds'}", "train.max_steps=8", "train.checkpoint_every=8",
@@ -221,3 +221,63 @@ def test_too_many_categories_names_the_override(bad_root, tmp_path, capsys):
     assert main(["shard", source, str(root / "out"), "--quiet"]) == 2
     assert "--max-categories N" in capsys.readouterr().err
     assert main(["shard", source, str(tmp_path / "ok"), "--quiet", "--drop", "id"]) == 0
+
+
+# ---- defaults, null rate, report (issue 25, second part) -----------------------------------------
+
+def test_generated_nulls_come_back_at_the_real_rate_after_a_short_run(trained, tables, tmp_path):
+    """60 steps are enough for the null indicators: the decoder starts from the columns' real rates."""
+    _, t = tables
+    assert main(["generate", str(trained), "--n", "3000", "--out", str(tmp_path / "g"), "--format", "parquet"]) == 0
+    g = pq.read_table(tmp_path / "g" / "part-00000.parquet")
+    for name in NULL_COLUMNS:
+        real = t.column(name).null_count / t.num_rows
+        assert abs(g.column(name).null_count / g.num_rows - real) < 0.05, (name, g.column(name).null_count / g.num_rows, real)
+
+
+def dry_run_config(root, data, *sets) -> dict:
+    import contextlib
+    import io
+
+    import yaml
+
+    out = io.StringIO()
+    argv = ["train", "--dry-run", "--workers", "0", "--storage", str(root / "runs"), "--name", "plan", "--set", f"data.path={data}"]
+    with contextlib.redirect_stdout(out):
+        assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    return yaml.safe_load(out.getvalue().split("\nplan (--dry-run")[0])
+
+
+def test_table_dataset_gets_row_sized_defaults_where_the_config_is_silent(tables, digits_url):
+    root, _ = tables
+    cfg = dry_run_config(root, root / "ds")
+    assert cfg["model"]["hidden"] == [256, 256] and cfg["model"]["latent_dim"] == 16 and cfg["model"]["posterior"] == "gaussian"
+    assert cfg["train"]["parzen_samples"] == 0 and cfg["train"]["threads"] == 1
+    rows = json.loads((root / "ds" / "manifest.json").read_text())["splits"]["train"]["count"]
+    assert cfg["data"]["batch_size"] == rows // 4 and cfg["train"]["epochs"] == 300  # a quarter of the rows: 4 steps an epoch
+    kept = dry_run_config(root, root / "ds", "model.hidden=[64,64]", "train.parzen_samples=100", "data.batch_size=20")
+    assert kept["model"]["hidden"] == [64, 64] and kept["train"]["parzen_samples"] == 100 and kept["data"]["batch_size"] == 20
+    assert kept["train"]["epochs"] == 300 and kept["model"]["disc_hidden"] == [256, 256]
+    image = dry_run_config(root, digits_url)  # images keep the paper's defaults
+    assert image["model"]["hidden"] == [1000, 1000] and image["train"]["parzen_samples"] == 10_000 and image["train"]["threads"] is None
+
+
+def test_run_summary_and_tensorboard_hold_the_row_report_and_column_figures(trained, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = read_summary(trained)
+    rep = s["metrics"]["table"]
+    assert 0.3 <= rep["quality"]["quality_score"] <= 1.0 and set(rep["quality"]["column_shape_scores"]) == set(wine_table().column_names)
+    assert s["metrics"]["table/quality_score"] == rep["quality"]["quality_score"]
+    assert 0 <= s["metrics"]["table/train_on_synthetic_accuracy"] <= 1 and "parzen_ll" not in s["metrics"]
+    ea = EventAccumulator(str(trained / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    for tag in ("final/table/quality_score", "final/table/column_shapes", "final/table/efficacy_gap", "final/table/synthetic_median_dcr"):
+        assert tag in ea.Tags()["scalars"], tag
+    assert "figures/columns" in ea.Tags()["images"]
+    assert ea.Images("figures/columns")[-1].width > 600
+    assert main(["eval", str(trained), "--plots", str(tmp_path / "figs")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "figs" / "columns.png") as im:  # 14 columns: 4 x 4 panels, real beside synthetic
+        assert im.width > 600 and im.height > 600

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aae_dist.config import load_config
-from aae_dist.training.multiprocess import run_processes
+from multiprocess import run_processes
 from conftest import SMALL_MODEL, read_summary
 
 

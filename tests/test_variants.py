@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aae_dist.config import load_config
-from aae_dist.training.multiprocess import run_processes
+from multiprocess import run_processes
 from aae_dist.training.trainer import train_in_process
 from conftest import read_summary
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..variants import variant
+from ..variants import discriminators, regularizer, variant
 
 
 @dataclass
@@ -178,13 +178,14 @@ def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 
         "encoder": Encoder(cfg, shape, num_classes),
         "decoder": Decoder(cfg, shape, num_classes),
     }
-    if cfg.regularizer == "adversarial":
-        # a label tag: D also sees the one-hot label plus an 'unlabelled' class
-        nets["discriminator"] = Discriminator(cfg, cfg.latent_dim + (num_classes + 1 if row.label_tag else 0))
-        if row.categorical:
-            nets["discriminator_cat"] = Discriminator(cfg, num_classes)
-    elif cfg.posterior != "gaussian":
-        raise UserError("model.regularizer=kl (the VAE baseline) needs model.posterior=gaussian")
+    reg = regularizer(cfg.regularizer)
+    if reg.posterior and cfg.posterior != reg.posterior:
+        raise UserError(f"model.regularizer={reg.name} needs model.posterior={reg.posterior}: set it, or use another regularizer")
+    # a label tag: D also sees the one-hot label plus an 'unlabelled' class
+    inputs = {"discriminator": cfg.latent_dim + (num_classes + 1 if row.label_tag else 0), "discriminator_cat": num_classes}
+    wanted = discriminators(row, reg)
+    for name in sorted(wanted):  # discriminator before discriminator_cat: the order their initial weights are drawn in
+        nets[name] = Discriminator(cfg, inputs[name])
     if cfg.init_std:
         for net in nets.values():
             init_weights(net, cfg.init_std)

@@ -1,4 +1,6 @@
-"""Priors p(z), sampled on the training device from a seeded generator.
+"""Priors p(z), sampled on the training device from a seeded generator.  A prior is one class,
+registered once with `@prior(kind, params)`: its own parameters (read from the prior section, or
+prior.options for a prior of your own), its own checks (`check`), and `sample`.
 
 The mixture and swiss roll take optional labels: a label picks the component/segment
 (used by the label-regularised AAE)."""
@@ -9,31 +11,71 @@ import math
 
 import torch
 
-from ..config import PriorConfig
+from types import SimpleNamespace
+
+from ..config import PRIOR_KINDS, PriorConfig
 from ..errors import UserError
+
+PRIORS: dict[str, type["Prior"]] = {}
+
+
+def prior(kind: str, params: tuple[str, ...] = ()):
+    """Register a Prior class as prior.kind=`kind`; `params` are the names it reads (prior.<name> for the
+    built-in ones, prior.options.<name> for others)."""
+
+    def register(cls):
+        cls.kind = kind
+        PRIORS[kind] = cls
+        PRIOR_KINDS[kind] = tuple(params) or PRIOR_KINDS.get(kind, ())
+        return cls
+
+    return register
 
 
 class Prior:
+    kind = ""
     two_d_only = False
+    defaults: dict = {}  # parameter values used where prior.options leaves them out (priors of your own)
 
-    def __init__(self, cfg: PriorConfig, dim: int):
+    def __init__(self, cfg, dim: int):
         self.cfg, self.dim = cfg, dim
+
+    @classmethod
+    def build(cls, section: PriorConfig, dim: int) -> "Prior":
+        """This kind's parameters from the section, checked against the code's size, then the prior."""
+        params = SimpleNamespace(**{**cls.defaults, **section.params()})
+        if cls.two_d_only and dim != 2:
+            raise UserError(f"prior.kind={cls.kind} is a 2-D prior but model.latent_dim={dim}: set model.latent_dim=2 or pick another prior")
+        cls.check(params, dim)
+        return cls(params, dim)
+
+    @classmethod
+    def check(cls, params, dim: int) -> None:
+        """Raise UserError (naming the key and the fix) where the parameters cannot work with this code size."""
 
     def sample(self, n: int, generator: torch.Generator, device, labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
+@prior("gaussian")
 class Gaussian(Prior):
     def sample(self, n, generator, device, labels=None):
         return torch.randn(n, self.dim, generator=generator, device=device) * self.cfg.std
 
 
+@prior("uniform")
 class Uniform(Prior):
+    @classmethod
+    def check(cls, params, dim):
+        if params.high <= params.low:
+            raise UserError(f"prior.high ({params.high}) must be above prior.low ({params.low})")
+
     def sample(self, n, generator, device, labels=None):
         u = torch.rand(n, self.dim, generator=generator, device=device)
         return self.cfg.low + (self.cfg.high - self.cfg.low) * u
 
 
+@prior("gamma")
 class Gamma(Prior):
     """Marsaglia-Tsang rejection sampling, so the seeded generator drives every draw."""
 
@@ -59,6 +101,7 @@ class Gamma(Prior):
         return (out * self.cfg.scale).view(n, self.dim)
 
 
+@prior("mixture")
 class Mixture2D(Prior):
     """The paper's layout: K Gaussians on a circle, each stretched along its radius."""
 
@@ -74,6 +117,7 @@ class Mixture2D(Prior):
         return torch.stack([radial * cos - tangential * sin, radial * sin + tangential * cos], 1)
 
 
+@prior("swiss_roll")
 class SwissRoll(Prior):
     """Points on a 2-D spiral; a label picks one of K equal segments of it."""
 
@@ -90,23 +134,19 @@ class SwissRoll(Prior):
         return pts + 0.05 * self.cfg.radius * torch.randn(n, 2, generator=generator, device=device)
 
 
+@prior("categorical")
 class Categorical(Prior):
     """One-hot vectors of K classes (uniform), e.g. for a semi-supervised y."""
+
+    @classmethod
+    def check(cls, params, dim):
+        if dim != params.components:
+            raise UserError(f"prior.kind=categorical with {params.components} classes needs model.latent_dim={params.components} (got {dim})")
 
     def sample(self, n, generator, device, labels=None):
         k = labels if labels is not None else torch.randint(0, self.dim, (n,), generator=generator, device=device)
         return torch.nn.functional.one_hot(k, self.dim).float()
 
 
-PRIORS = {"gaussian": Gaussian, "uniform": Uniform, "gamma": Gamma, "mixture": Mixture2D, "swiss_roll": SwissRoll, "categorical": Categorical}
-
-
 def build_prior(cfg: PriorConfig, dim: int) -> Prior:
-    cls = PRIORS[cfg.kind]
-    if cls.two_d_only and dim != 2:
-        raise UserError(f"prior.kind={cfg.kind} is a 2-D prior but model.latent_dim={dim}: set model.latent_dim=2 or pick another prior")
-    if cfg.kind == "categorical" and dim != cfg.components:
-        raise UserError(f"prior.kind=categorical with {cfg.components} classes needs model.latent_dim={cfg.components} (got {dim})")
-    if cfg.kind == "uniform" and cfg.high <= cfg.low:
-        raise UserError(f"prior.high ({cfg.high}) must be above prior.low ({cfg.low})")
-    return cls(cfg, dim)
+    return PRIORS[cfg.kind].build(cfg, dim)

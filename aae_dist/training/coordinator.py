@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config
+from ..config import TrainConfig
 from ..distributed import all_reduce_
 from .phases import Phase
 from .progress import Progress
@@ -21,14 +21,19 @@ STOP = "stop_requested"
 
 
 class Stats:
-    """Named running sums (value and count) in one buffer, so one all-reduce carries them all."""
+    """Named running sums (value and count) in one buffer, so one all-reduce carries them all.  The names
+    the phases' terms declared have slots from the start; a name reported without one gets a slot when it
+    first appears (every rank runs the same terms, so every rank adds it at the same place)."""
 
     def __init__(self, names: list[str], device: torch.device):
-        self.slot = {n: i for i, n in enumerate(names)}
-        self.buffer = torch.zeros(2, len(names), device=device, dtype=torch.float64)
+        self.slot = {n: i for i, n in enumerate(dict.fromkeys(names))}
+        self.buffer = torch.zeros(2, len(self.slot), device=device, dtype=torch.float64)
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
-        i = self.slot[name]
+        i = self.slot.get(name)
+        if i is None:
+            i = self.slot[name] = len(self.slot)
+            self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(2, 1)], 1)
         self.buffer[0, i] += value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else value
         self.buffer[1, i] += 1
 
@@ -40,6 +45,24 @@ class Stats:
         means = {n: values[0][i] / values[1][i] for n, i in self.slot.items() if values[1][i] > 0}
         return means, sums
 
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.detach().cpu(), "stat_names": list(self.slot)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """By name; a checkpoint from before the names were saved holds an empty buffer (checkpoints
+        are written right after a reduction), which is what starting from zeros gives."""
+        saved = state["buffer"].to(self.buffer.device)
+        names = state.get("stat_names")
+        if names is None:
+            if saved.shape == self.buffer.shape:
+                self.buffer.copy_(saved)
+            return
+        for i, n in enumerate(names):
+            if n not in self.slot:
+                self.add(n, 0.0)
+                self.buffer[1, self.slot[n]] = 0
+            self.buffer[:, self.slot[n]] = saved[:, i]
+
 
 @dataclass
 class Decision:
@@ -48,30 +71,25 @@ class Decision:
     nonfinite: dict[str, int] = field(default_factory=dict)  # phase -> non-finite losses seen
 
 
-def decide(cfg: Config, means: dict[str, float], sums: dict[str, float], skipping: dict[str, bool]) -> Decision:
-    """What every rank does next, from the reduced statistics alone."""
+def decide(phases: list[Phase], means: dict[str, float], sums: dict[str, float], skipping: dict[str, bool]) -> Decision:
+    """What every rank does next, from the reduced statistics alone: each phase's own policies decide."""
     out = Decision(skip=dict(skipping))
     out.nonfinite = {k.split("/")[0]: int(v) for k, v in sums.items() if k.endswith("/nonfinite") and v > 0}
-    d = cfg.phases.discriminator
-    if d.skip_above_accuracy is not None:
-        if "discriminator/acc_prior" in means:
-            acc = 0.5 * (means["discriminator/acc_prior"] + means["discriminator/acc_codes"])
-            out.skip["discriminator"] = acc > d.skip_above_accuracy
-        elif skipping.get("discriminator"):
-            out.skip["discriminator"] = False  # D was skipped all interval: let it run again to measure
-    target = cfg.train.target_recon_loss
-    if target is not None and means.get("reconstruction/loss", float("inf")) < target:
-        out.stop_reason = f"reconstruction loss {means['reconstruction/loss']:.4f} reached train.target_recon_loss={target}"
+    for ph in phases:
+        if ph.skip_policy is not None:
+            out.skip[ph.name] = ph.skip_policy.skip(ph.name, means, skipping.get(ph.name, False))
+        if ph.stop_policy is not None and out.stop_reason is None:
+            out.stop_reason = ph.stop_policy.stop(ph.name, means)
     if sums.get(STOP, 0) > 0:
         out.stop_reason = out.stop_reason or "interrupted"
     return out
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None,
+    def __init__(self, train: TrainConfig, phases: list[Phase], steps_per_epoch: int, device: torch.device, stop_probe=None,
                  world_size: int = 1, stage_length=None):
-        self.cfg, self.phases = cfg, phases
-        t = cfg.train
+        self.phases, self.checkpoint_every = phases, train.checkpoint_every
+        t = train
         self.progress = Progress(steps_per_epoch, t.epochs, t.max_steps, world_size, stage_length, micro_batches=t.accumulate)
         self.sync_every = t.sync_every
         names = [f"{ph.name}/{s}" for ph in phases for s in ph.stat_names] + [f"{ph.name}/nonfinite" for ph in phases] + [STOP]
@@ -126,7 +144,7 @@ class Coordinator:
     def end_step(self) -> dict[str, float] | None:
         """Advance; on sync steps reduce the statistics and decide. Returns the reduced means then."""
         self.progress.advance()
-        ckpt = self.step % self.cfg.train.checkpoint_every == 0  # empty buffer at checkpoints: exact resume
+        ckpt = self.step % self.checkpoint_every == 0  # empty buffer at checkpoints: exact resume
         if self.step % self.sync_every and not ckpt and not self.done():
             return None
         return self.sync()
@@ -140,7 +158,7 @@ class Coordinator:
         self.syncs += 1
         means = {k: v for k, v in means.items() if not k.endswith("/nonfinite") and k != STOP}
         self.last_means = means
-        d = decide(self.cfg, means, sums, self.skip)
+        d = decide(self.phases, means, sums, self.skip)
         self.skip = d.skip
         for phase, count in d.nonfinite.items():  # in phase order: the first phase of a step is named
             self.nonfinite_steps += count
@@ -157,7 +175,7 @@ class Coordinator:
             "stop_reason": self.stop_reason,
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_updates": self.skipped_updates,
-            "buffer": self.stats.buffer.detach().cpu(),
+            **self.stats.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,8 +184,4 @@ class Coordinator:
         self.stop_reason = None if state["stop_reason"] == "interrupted" else state["stop_reason"]
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
-        self.stats.buffer.copy_(state["buffer"].to(self.stats.buffer.device))
-
-    @property
-    def buffer(self) -> torch.Tensor:
-        return self.stats.buffer
+        self.stats.load_state_dict(state)

@@ -2,26 +2,25 @@
 
 Gradients reach only the phase's own networks: the networks it merely reads run as their
 plain (un-wrapped) modules with gradients off, so DDP never all-reduces or keeps stale
-gradients for them.  `build_phases` reads the variant's row once and binds every loss's
-parameters then, so no loss looks at the config or the variant at step time."""
+gradients for them.  `build_phases` reads the variant's and the regularizer's rows once and composes
+each phase from the loss terms registered for it (aae_dist/training/terms.py); the skip and stop
+policies a phase's settings ask for are attached to that phase."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, PhaseConfig
+from ..config import ModelConfig, PhaseConfig, PhasesConfig
 from ..models import AAE
-from ..variants import variant
-
-LossFn = Callable[["StepContext", torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from ..variants import regularizer, variant
+from .terms import Batch, Settings, Term, check_named_terms, term, terms_of
 
 
 @dataclass
@@ -41,19 +40,38 @@ class StepContext:
 
 @dataclass
 class Phase:
+    """A phase: the networks it trains, its terms (summed into one loss), its section, its policies."""
+
     name: str
     networks: tuple[str, ...]  # networks this phase trains
-    loss: LossFn
+    terms: list[tuple[Term, float | None]]  # (term, weight; None: unweighted), in the order they add up
     cfg: PhaseConfig
+    settings: Settings
     repeat: int = 1
     start_step: int = 0  # e.g. adversarial phases wait for the warm-up
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    stat_names: tuple[str, ...] = field(default_factory=tuple)
     kernels: dict = field(default_factory=dict)  # the optimizer's fused/foreach flags (make_optimizer)
+    skip_policy: object | None = None  # .skip(name, means, skipping) -> bool (the coordinator's decide)
+    stop_policy: object | None = None  # .stop(name, means) -> reason or None
 
     def runs_at(self, step: int) -> bool:
         return step >= self.start_step and step % self.cfg.every == 0
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """What its terms declared they report."""
+        return tuple(dict.fromkeys(s for t, _ in self.terms for s in t.stats))
+
+    def loss(self, ctx: "StepContext", x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of the weighted terms, and every statistic they reported."""
+        b, total, stats = Batch(ctx, x, y), None, {}
+        for t, weight in self.terms:
+            value, reported = t.fn(ctx, b, self.settings)
+            stats.update(reported)
+            part = value if weight is None else weight * value
+            total = part if total is None else total + part
+        return total, stats
 
 
 @contextlib.contextmanager
@@ -151,52 +169,72 @@ def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Te
     return eps * _per_sample_unit(grad.detach())
 
 
-# ---- losses (parameters bound by build_phases) -------------------------------------------------
+# ---- the built-in loss terms (registered once; build_phases composes them) -------------------------
 
-def reconstruction_loss(ctx: StepContext, x, y, *, kl: bool = False, head_distance: float = 0.0, head_weight: float = 0.0,
-                        consistency: float = 0.0, shift: int = 2, rotate: float = 0.0, scale: float = 0.0,
-                        vat: float = 0.0, vat_eps: float = 2.0, clean_target: bool = False, vat_alpha: float = 0.0,
-                        info: float = 0.0, info_mu: float = 4.0):
-    """Reconstruction error; kl: the VAE baseline's KL term; head_weight: dim. reduction pushes cluster heads apart;
-    consistency: the y of a moved copy of x learns the y of x (cluster membership should not move with the digit);
-    vat: so does the y of x + the small perturbation that would move it most; clean_target: that y(x) is read
-    without the encoder's input noise and dropout; vat_alpha: each sample's vat radius is vat_alpha x its
-    neighbour distance (ctx.radius), batch-norm statistics frozen in that pass; info: IMSAT's information
-    term on y, info x (H(y|x) - info_mu x H(mean y))."""
-    codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
-    loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, y)), x)
-    stats = {"loss": loss.detach()}
-    total = loss
-    if consistency or vat:
-        if clean_target:
+def _codes(b: Batch):
+    """The encoder's reading of x, shared by the terms of a reconstruction step."""
+    return b.once("codes", lambda: b.ctx.wrapped["encoder"](b.x, generator=b.ctx.generator))
+
+
+def _target(b: Batch, s: Settings):
+    """The consistency and vat terms' target y(x): the reconstruction's own noisy reading, or a clean one."""
+    def make():
+        ctx = b.ctx
+        if s.phase.consistency_target == "clean":
             with torch.no_grad():
-                target = torch.softmax(ctx.plain["encoder"](x, generator=ctx.generator, corrupt=False).y_logits.float(), 1)
-        else:
-            target = torch.softmax(codes.y_logits.detach().float(), 1)
-    if consistency:
-        moved = ctx.wrapped["encoder"](translated(x, shift, ctx.generator, rotate, scale), generator=ctx.generator)
-        kl_y = _kl_y(target, moved.y_logits)
-        total = total + consistency * kl_y
-        stats["consistency"] = kl_y.detach()
-    if vat:
-        kl_v = _vat_term(ctx, x, target, vat_eps, vat_alpha)
-        total = total + vat * kl_v
-        stats["vat"] = kl_v.detach()
-    if info:
-        cond, marg = entropy_terms(codes.y_logits)
-        total = total + info * (cond - info_mu * marg)
-        stats["entropy_y"], stats["entropy_mean_y"] = cond.detach(), marg.detach()
-    if kl:  # negative ELBO per data dimension
-        kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
-        total = total + kl_term / x[0].numel()
-        stats["kl"] = kl_term.detach()
-    if head_weight:
-        heads = ctx.plain["decoder"].cluster_heads
-        k = heads.shape[0]
-        off = ~torch.eye(k, dtype=torch.bool, device=heads.device)
-        penalty = F.relu(head_distance - torch.cdist(heads, heads)[off]).sum() / max(1, k * (k - 1))
-        total = total + head_weight * penalty
-    return total, stats
+                return torch.softmax(ctx.plain["encoder"](b.x, generator=ctx.generator, corrupt=False).y_logits.float(), 1)
+        return torch.softmax(_codes(b).y_logits.detach().float(), 1)
+
+    return b.once("target", make)
+
+
+@term("reconstruction", stats=("loss",))
+def reconstruction(ctx: StepContext, b: Batch, s: Settings):
+    """The reconstruction error of x."""
+    codes = _codes(b)
+    loss = ctx.aae.reconstruction_error(ctx.wrapped["decoder"](codes.z, ctx.aae.decoder_y(codes, b.y)), b.x)
+    return loss, {"loss": loss.detach()}
+
+
+@term("reconstruction", weight="consistency", stats=("consistency",))
+def consistency(ctx: StepContext, b: Batch, s: Settings):
+    """The y of a moved copy of x learns the y of x (cluster membership should not move with the digit)."""
+    target, c = _target(b, s), s.phase
+    moved = ctx.wrapped["encoder"](translated(b.x, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale),
+                                   generator=ctx.generator)
+    kl_y = _kl_y(target, moved.y_logits)
+    return kl_y, {"consistency": kl_y.detach()}
+
+
+@term("reconstruction", weight="vat", stats=("vat",))
+def vat(ctx: StepContext, b: Batch, s: Settings):
+    """So does the y of x + the small perturbation that would move it most (vat_alpha: per-sample radii)."""
+    kl_v = _vat_term(ctx, b.x, _target(b, s), s.phase.vat_eps, s.phase.vat_alpha)
+    return kl_v, {"vat": kl_v.detach()}
+
+
+@term("reconstruction", weight="info", stats=("entropy_y", "entropy_mean_y"))
+def info(ctx: StepContext, b: Batch, s: Settings):
+    """IMSAT's information term on y: H(y|x) - info_mu x H(mean y)."""
+    cond, marg = entropy_terms(_codes(b).y_logits)
+    return cond - s.phase.info_mu * marg, {"entropy_y": cond.detach(), "entropy_mean_y": marg.detach()}
+
+
+@term("reconstruction", stats=("kl",), when=lambda s: "kl" in s.regularizer.terms)
+def kl(ctx: StepContext, b: Batch, s: Settings):
+    """The VAE baseline's KL term: with the reconstruction error, the negative ELBO per data dimension."""
+    codes = _codes(b)
+    kl_term = -0.5 * torch.sum(1 + codes.logvar - codes.mu.pow(2) - codes.logvar.exp(), 1).mean()
+    return kl_term / b.x[0].numel(), {"kl": kl_term.detach()}
+
+
+@term("reconstruction", weight=lambda s: s.model.cluster_head_weight, when=lambda s: s.row.decoder_input == "heads")
+def cluster_heads(ctx: StepContext, b: Batch, s: Settings):
+    """Dimensionality reduction: cluster heads closer than model.cluster_head_distance are pushed apart."""
+    heads = ctx.plain["decoder"].cluster_heads
+    k = heads.shape[0]
+    off = ~torch.eye(k, dtype=torch.bool, device=heads.device)
+    return F.relu(s.model.cluster_head_distance - torch.cdist(heads, heads)[off]).sum() / max(1, k * (k - 1)), {}
 
 
 def _vat_term(ctx: StepContext, x, target, vat_eps: float, vat_alpha: float) -> torch.Tensor:
@@ -216,25 +254,34 @@ def _prior_labels(ctx: StepContext, y: torch.Tensor) -> torch.Tensor:
     return torch.where(y >= 0, y, rand)
 
 
-def discriminator_loss(ctx: StepContext, x, y, *, noise: float, label_tag: bool):
+DISCRIMINATOR_STATS = ("loss", "acc_prior", "acc_codes")
+
+
+@term("discriminator", stats=DISCRIMINATOR_STATS)
+def discriminator(ctx: StepContext, b: Batch, s: Settings):
+    """D tells prior samples from codes (with a label tag, both joined with the one-hot label)."""
+    x, y = b.x, b.y
     with torch.no_grad():
         fake = ctx.plain["encoder"](x, generator=ctx.generator).z
     prior = ctx.aae.prior
-    if label_tag:
+    if s.row.label_tag:
         real = prior.sample(len(x), ctx.generator, x.device, labels=_prior_labels(ctx, y))
         tag = ctx.aae.one_hot(y, extra=1)
         real, fake = torch.cat([real, tag], 1), torch.cat([fake, tag], 1)
     else:
         real = prior.sample(len(x), ctx.generator, x.device)
-    return _discriminate(ctx, "discriminator", real, fake, noise)
+    return _discriminate(ctx, "discriminator", real, fake, s.phase.input_noise)
 
 
-def discriminator_cat_loss(ctx: StepContext, x, y, *, noise: float):
+@term("discriminator_cat", stats=DISCRIMINATOR_STATS)
+def discriminator_cat(ctx: StepContext, b: Batch, s: Settings):
+    """D on the categorical y: one-hot draws against the encoder's softmax."""
+    x = b.x
     with torch.no_grad():
         fake = ctx.plain["encoder"](x, generator=ctx.generator).y
     k = ctx.aae.num_classes
     real = F.one_hot(torch.randint(0, k, (len(x),), device=x.device, generator=ctx.generator), k).float()
-    return _discriminate(ctx, "discriminator_cat", real, fake, noise)
+    return _discriminate(ctx, "discriminator_cat", real, fake, s.phase.input_noise)
 
 
 def _discriminate(ctx, name, real, fake, noise):
@@ -245,22 +292,25 @@ def _discriminate(ctx, name, real, fake, noise):
     return loss, {"loss": loss.detach(), "acc_prior": (lr.detach() > 0).float().mean(), "acc_codes": (lf.detach() < 0).float().mean()}
 
 
-def generator_loss(ctx: StepContext, x, y, *, noise: float, label_tag: bool, categorical: bool, cat_noise: float):
-    codes = ctx.wrapped["encoder"](x, generator=ctx.generator)
-    z = _noisy(ctx, codes.z, noise)
-    if label_tag:
-        z = torch.cat([z, ctx.aae.one_hot(y, extra=1)], 1)
+@term("generator", stats=("loss",))
+def generator(ctx: StepContext, b: Batch, s: Settings):
+    """The encoder learns to fool every D of the variant (their input noise applies here too)."""
+    codes = ctx.wrapped["encoder"](b.x, generator=ctx.generator)
+    z = _noisy(ctx, codes.z, s.phases.discriminator.input_noise)
+    if s.row.label_tag:
+        z = torch.cat([z, ctx.aae.one_hot(b.y, extra=1)], 1)
     with frozen(ctx.plain["discriminator"]) as disc:
         loss = _bce(disc(z), 1.0)
-    if categorical:
+    if s.row.categorical:
         with frozen(ctx.plain["discriminator_cat"]) as disc_cat:
-            loss = loss + _bce(disc_cat(_noisy(ctx, codes.y, cat_noise)), 1.0)
+            loss = loss + _bce(disc_cat(_noisy(ctx, codes.y, s.phases.discriminator_cat.input_noise)), 1.0)
     return loss, {"loss": loss.detach()}
 
 
-def classification_loss(ctx: StepContext, x, y):
+@term("classification", stats=("loss", "accuracy"))
+def classification(ctx: StepContext, b: Batch, s: Settings):
     """The supervised phase: the encoder's y learns the labels of a labelled minibatch."""
-    xl, yl = ctx.labelled() if ctx.labelled is not None else (x, y)
+    xl, yl = ctx.labelled() if ctx.labelled is not None else (b.x, b.y)
     logits = ctx.wrapped["encoder"](xl, generator=ctx.generator).y_logits
     known = yl >= 0
     loss = F.cross_entropy(logits.float(), yl.clamp_min(0), reduction="none")
@@ -269,35 +319,69 @@ def classification_loss(ctx: StepContext, x, y):
     return loss, {"loss": loss.detach(), "accuracy": acc.detach()}
 
 
-def build_phases(cfg: Config) -> list[Phase]:
-    p, m = cfg.phases, cfg.model
-    row = variant(m.variant)
-    warm = cfg.train.warmup_steps
-    heads = row.decoder_input == "heads"
-    recon = partial(reconstruction_loss, kl=m.regularizer == "kl", head_distance=m.cluster_head_distance,
-                    head_weight=m.cluster_head_weight if heads else 0.0, consistency=p.reconstruction.consistency,
-                    clean_target=p.reconstruction.consistency_target == "clean",
-                    shift=p.reconstruction.consistency_shift, rotate=p.reconstruction.consistency_rotate,
-                    scale=p.reconstruction.consistency_scale, vat=p.reconstruction.vat, vat_eps=p.reconstruction.vat_eps,
-                    vat_alpha=p.reconstruction.vat_alpha, info=p.reconstruction.info, info_mu=p.reconstruction.info_mu)
-    phases = [Phase("reconstruction", ("encoder", "decoder"), recon, p.reconstruction,
-                    stat_names=("loss", "kl", "consistency", "vat", "entropy_y", "entropy_mean_y"))]
-    if m.regularizer == "kl":
-        return phases
-    disc_stats = ("loss", "acc_prior", "acc_codes")
-    if row.categorical:
-        phases.append(Phase("discriminator_cat", ("discriminator_cat",), partial(discriminator_cat_loss, noise=p.discriminator_cat.input_noise),
-                            p.discriminator_cat, repeat=p.discriminator_cat.repeat, start_step=warm, stat_names=disc_stats))
-    gen = partial(generator_loss, noise=p.discriminator.input_noise, label_tag=row.label_tag, categorical=row.categorical,
-                  cat_noise=p.discriminator_cat.input_noise)
-    phases += [
-        Phase("discriminator", ("discriminator",), partial(discriminator_loss, noise=p.discriminator.input_noise, label_tag=row.label_tag),
-              p.discriminator, repeat=p.discriminator.repeat, start_step=warm, stat_names=disc_stats),
-        Phase("generator", ("encoder",), gen, p.generator, start_step=warm, stat_names=("loss",)),
-    ]
-    if row.has_classification_phase(cfg.data.labeled_per_class):
-        phases.append(Phase("classification", ("encoder",), classification_loss, p.classification, stat_names=("loss", "accuracy")))
-    return phases
+# ---- the phase list -------------------------------------------------------------------------
+
+PHASES: dict[str, tuple[tuple[str, ...], bool]] = {  # name -> (networks it trains, waits for train.warmup_steps)
+    "reconstruction": (("encoder", "decoder"), False),
+    "discriminator_cat": (("discriminator_cat",), True),
+    "discriminator": (("discriminator",), True),
+    "generator": (("encoder",), True),
+    "classification": (("encoder",), False),
+}
+
+
+def phase_names(row, reg, labeled_per_class: int | None) -> list[str]:
+    """Reconstruction, the regularizer's phases (discriminator_cat where y is categorical), classification."""
+    names = ["reconstruction"] + [p for p in reg.phases if p != "discriminator_cat" or row.categorical]
+    if reg.phases and row.has_classification_phase(labeled_per_class):  # the VAE baseline trains reconstruction only
+        names.append("classification")
+    return names
+
+
+def build_phases(phases: PhasesConfig, model: ModelConfig, warmup_steps: int = 0, labeled_per_class: int | None = None,
+                 target_recon_loss: float | None = None) -> list[Phase]:
+    """The phases of this (variant, regularizer), each with its active terms and the policies its settings ask for."""
+    row, reg = variant(model.variant), regularizer(model.regularizer)
+    out = []
+    for name in phase_names(row, reg, labeled_per_class):
+        section = getattr(phases, name)
+        check_named_terms(name, section)
+        settings = Settings(section, model, row, reg, phases)
+        nets, waits = PHASES[name]
+        ph = Phase(name, nets, terms_of(name, settings), section, settings, repeat=getattr(section, "repeat", 1),
+                   start_step=warmup_steps if waits else 0)
+        if getattr(section, "skip_above_accuracy", None) is not None:
+            ph.skip_policy = SkipAboveAccuracy(section.skip_above_accuracy)
+        if name == "reconstruction" and target_recon_loss is not None:
+            ph.stop_policy = StopBelow("loss", target_recon_loss, "train.target_recon_loss")
+        out.append(ph)
+    return out
+
+
+@dataclass(frozen=True)
+class SkipAboveAccuracy:
+    """phases.<D>.skip_above_accuracy: skip that D while its global accuracy is above the threshold; after an
+    interval with no statistics of it (it was skipped) let it run again to be measured."""
+
+    threshold: float
+
+    def skip(self, name: str, means: dict[str, float], skipping: bool) -> bool:
+        if f"{name}/acc_prior" in means:
+            return 0.5 * (means[f"{name}/acc_prior"] + means[f"{name}/acc_codes"]) > self.threshold
+        return False  # skipped all interval (or never measured): run to be measured
+
+
+@dataclass(frozen=True)
+class StopBelow:
+    """Stop every rank once the phase's reduced statistic is below a target (train.target_recon_loss)."""
+
+    stat: str
+    target: float
+    key: str
+
+    def stop(self, name: str, means: dict[str, float]) -> str | None:
+        value = means.get(f"{name}/{self.stat}", float("inf"))
+        return f"{name} {self.stat} {value:.4f} reached {self.key}={self.target}" if value < self.target else None
 
 
 def optimizer_kernels(device: torch.device, fused: bool) -> dict:

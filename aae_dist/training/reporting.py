@@ -18,8 +18,9 @@ from .trackers import Trackers
 
 
 class Reporter:
-    def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0, feed=None):
-        self.cfg, self.aae, self.phases = cfg, aae, phases
+    def __init__(self, cfg: Config, aae: AAE, phases, run_url: str, eval_split: str, manifest, resumed_step: int = 0, feed=None,
+                 run_name: str = ""):
+        self.cfg, self.aae, self.phases, self.run_name = cfg, aae, phases, run_name
         self.feed = feed
         self.trackers = Trackers(cfg, run_url, resumed=bool(resumed_step), warn=self.warn)  # log.mlflow, log.wandb; first: the one likely to refuse
         self.logger = TensorBoardLogger(run_url, purge_step=resumed_step or None)
@@ -43,8 +44,8 @@ class Reporter:
         if means is None:
             return
         step, lg = coord.step, self.logger
-        scalars = {f"loss/{k.split('/')[0]}": v for k, v in means.items() if k.endswith("/loss")}
-        scalars.update({k: v for k, v in means.items() if "/acc" in k or k.endswith("/kl") or k.endswith("/consistency") or k.endswith("/vat")})
+        # every reduced statistic: a phase's loss as loss/<phase>, anything else a term reports under its own name
+        scalars = {(f"loss/{k.split('/')[0]}" if k.endswith("/loss") else k): v for k, v in means.items()}
         for ph in self.phases:
             scalars[f"lr/{ph.name}"] = ph.optimizer.param_groups[0]["lr"]
             scalars[f"time/{ph.name}_ms_per_step"] = 1000 * phase_seconds[ph.name] / max(1, step - start_step)
@@ -53,7 +54,8 @@ class Reporter:
         if self.feed is not None:
             self.feed.put({"step": step, "total": coord.total_steps(), "epoch": coord.epochs_done, "samples_per_s": scalars["perf/samples_per_s"],
                            "losses": {k.split("/")[0][:5]: v for k, v in means.items() if k.endswith("/loss")}})
-        scalars["coordinator/skip_discriminator"] = float(coord.skip.get("discriminator", False))
+        for name in ["discriminator"] + [ph.name for ph in self.phases if ph.skip_policy is not None]:
+            scalars[f"coordinator/skip_{name}"] = float(coord.skip.get(name, False))
         lg.scalars(scalars, step)
         self.trackers.scalars(scalars, step)
         if step % self.cfg.train.image_every < coord.sync_every or coord.done():
@@ -75,7 +77,13 @@ class Reporter:
         self.image("images/inputs_and_reconstructions", image_grid(as_images(aae, pairs), cols=16), step)
         samples = aae.sample(64, self.generator).float().cpu().numpy()
         self.image("images/prior_samples", image_grid(as_images(aae, samples), cols=8), step)
-        for name, fig in paper_figures(aae, x, y, self.generator, caption=f"run {self.cfg.run.name}, step {step}").items():
+        if aae.rows is not None:  # a table run: real beside synthetic rows, per column
+            from ..inference import table_column_figures
+
+            caption = f"run {self.run_name}, step {step}"
+            for name, fig in table_column_figures(aae, x.cpu(), seeds.evaluation(self.cfg.train.seed) + step, caption).items():
+                self.image(f"figures/{name}", to_array(fig), step)
+        for name, fig in paper_figures(aae, x, y, self.generator, caption=f"run {self.run_name}, step {step}").items():
             self.image(f"figures/{name}", to_array(fig), step)
         if c.y_logits is not None:
             self.logger.histogram("codes/y_argmax", c.y_logits.argmax(1), step)

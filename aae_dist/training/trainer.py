@@ -17,81 +17,109 @@ from ..distributed import all_reduce_, average_, average_buffers, distributed, w
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..models import AAE
-from . import faults, precision
+from . import precision
+from .callbacks import Callbacks, import_modules
 from .comm import CommStats
 from .coordinator import Coordinator
 from .phases import PhaseStates, StepContext, build_phases, make_optimizer
 from .reporting import Reporter
 from .session import LocalSession, RaySession, Session, scratch_dir
-from .summary import write_summary
+from .summary import RunRecord, write_summary
 
 
 class Trainer:
-    def __init__(self, cfg: Config, session: Session, started_at: float | None = None, feed=None):
-        self.cfg, self.session = cfg, session
-        session.retain_best(cfg.train.keep_best, cfg.train.keep_best_mode)
+    """One worker's training: a short list of builds, each component from its own config section."""
+
+    def __init__(self, cfg: Config, session: Session, started_at: float | None = None, feed=None, *, threads: int | None = None,
+                 gpu: bool = False, name: str = "", callbacks=()):
+        self.cfg, self.session, self.name = cfg, session, name
         self.rank, self.world = session.rank, session.world_size
         self.started_at = started_at if started_at is not None else time.time()
         timeline.reset(since=self.started_at)
-        if cfg.train.threads or cfg.run.cpus_per_worker:
-            torch.set_num_threads(cfg.train.threads or cfg.run.cpus_per_worker)
-        self.device = session.device(cfg.run.gpu)
-        self.autocast_dtype = precision.autocast_dtype(cfg.train, self.device)  # None: fp32; refuses bf16 on a CPU without it
-        self.amp = self.autocast_dtype is not None
-        d = cfg.data
-        self.manifest = read_manifest(d.path)
-        self.train_data = ShardStream(
-            d.path, "train", d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
-            shuffle_buffer=d.shuffle_buffer, drop_last=True, cache_dir=d.cache_dir, prefetch=d.prefetch,
-            connections=d.connections, request_bytes=d.request_bytes,
-            labeled_per_class=d.labeled_per_class, manifest=self.manifest,
-        )
-        self.eval_split = d.eval_split if d.eval_split in self.manifest.splits else "train"
-        timeline.mark("data_opened")
-
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
-        num_classes = cfg.model.num_classes or self.manifest.num_classes
-        self.aae = AAE(cfg.model, cfg.prior, tuple(self.manifest.shape), self.manifest.dtype, num_classes,
-                       table=self.manifest.table).to(self.device)
-        if cfg.train.compile:
-            for m in self.aae.nets.values():  # compile forward only: state_dict keys stay plain
-                m.forward = torch.compile(m.forward)
-        self.comm = CommStats(cfg.train.grad_compression, cfg.train.powersgd_rank)
-        self.wrapped = dict(self.aae.nets)
-        if distributed():
-            self.wrapped = {n: wrap(m, self.device) for n, m in self.aae.nets.items()}
-            for n, m in self.wrapped.items():
-                self.comm.attach(n, m)
+        session.retain_best(cfg.train.keep_best, cfg.train.keep_best_mode)
+        import_modules(cfg.train.imports)
+        self.callbacks = Callbacks(callbacks, cfg.train.callbacks)
+        self.device, self.autocast_dtype = self._build_device(threads, gpu)
+        self.manifest, self.train_data, self.eval_split = self._build_data()
+        self.aae, self.wrapped, self.comm = self._build_model()
         self.average_every = cfg.train.average_every if distributed() else 1  # > 1: local SGD (see _average_replicas)
         self.generator = torch.Generator(device=self.device)
-        self.phases = build_phases(cfg)
+        t = cfg.train
+        self.phases = build_phases(cfg.phases, cfg.model, t.warmup_steps, cfg.data.labeled_per_class, t.target_recon_loss)
+        self.ctx = self._build_context()
+        self.micro = t.accumulate
+        self.coord = self._build_coordinator()
+        for ph in self.phases:
+            make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data), fused=t.fused)
+        self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
+        self.nan_policy = t.nan_policy  # both check every all-reduced gradient before each update (_grads_finite)
+        self.recent_updates = collections.deque(maxlen=2 * sum(ph.repeat for ph in self.phases))  # what _broken_by searches
+        self.checkpointer = self._build_checkpointer()
+        self.resumed_from = self.last_saved_step = self._restore()
+        timeline.mark("models_ready")
+        self.reporter = self._build_reporter(feed) if self.rank == 0 else None
+
+    # ---- the builds -------------------------------------------------------------------------------
+    def _build_device(self, threads: int | None, gpu: bool):
+        """Torch threads, the device, and the autocast dtype (None: fp32; refuses bf16 on a CPU without it)."""
+        if threads:
+            torch.set_num_threads(threads)
+        device = self.session.device(gpu)
+        return device, precision.autocast_dtype(self.cfg.train, device)
+
+    @property
+    def amp(self) -> bool:
+        return self.autocast_dtype is not None
+
+    def _build_data(self):
+        d = self.cfg.data
+        manifest = read_manifest(d.path)
+        stream = ShardStream.from_config(d, self.rank, self.world, seed=self.cfg.train.seed, manifest=manifest)
+        timeline.mark("data_opened")
+        return manifest, stream, d.eval_split if d.eval_split in manifest.splits else "train"
+
+    def _build_model(self):
+        """The AAE (identical initial weights on every rank: seeded; DDP also broadcasts), compiled if asked,
+        each network wrapped in DDP with its comm hook when distributed."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        aae = AAE.from_config(self.cfg.model, self.cfg.prior, self.manifest).to(self.device)
+        if t.compile:
+            for m in aae.nets.values():  # compile forward only: state_dict keys stay plain
+                m.forward = torch.compile(m.forward)
+        comm, wrapped = CommStats(t.grad_compression, t.powersgd_rank), dict(aae.nets)
+        if distributed():
+            wrapped = {n: wrap(m, self.device) for n, m in aae.nets.items()}
+            for n, m in wrapped.items():
+                comm.attach(n, m)
+        return aae, wrapped, comm
+
+    def _build_context(self) -> StepContext:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
-        self.ctx = StepContext(self.wrapped, self.aae, self.generator, labelled, radius=self._vat_radius())
-        probe = session.stop_requested if self.rank == 0 else None
-        self.micro = cfg.train.accumulate
+        return StepContext(self.wrapped, self.aae, self.generator, labelled, radius=self._vat_radius())
+
+    def _build_coordinator(self) -> Coordinator:
         if len(self.train_data) < self.micro:
             raise UserError(f"train.accumulate={self.micro} needs that many batches per epoch per worker, there are {len(self.train_data)}: "
                             "lower train.accumulate or data.batch_size")
-        self.coord = Coordinator(cfg, self.phases, len(self.train_data) // self.micro, self.device, stop_probe=probe, world_size=self.world,
-                                 stage_length=self.train_data.stage_batches)
-        for ph in self.phases:
-            make_optimizer(ph, self.aae.nets, self.coord.total_steps(), len(self.train_data), fused=cfg.train.fused)
-        self.phase_seconds = {ph.name: 0.0 for ph in self.phases}
-        self.after_step = faults.step_tracer()
-        self.nan_policy = cfg.train.nan_policy  # both check every all-reduced gradient before each update (_grads_finite)
-        self.recent_updates = collections.deque(maxlen=2 * sum(ph.repeat for ph in self.phases))  # what _broken_by searches
-        self.checkpointer = Checkpointer(
+        probe = self.session.stop_requested if self.rank == 0 else None
+        return Coordinator(self.cfg.train, self.phases, len(self.train_data) // self.micro, self.device, stop_probe=probe,
+                           world_size=self.world, stage_length=self.train_data.stage_batches)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        m, cfg = self.manifest, self.cfg
+        return Checkpointer(
             {"models": self.aae, "optimizers": PhaseStates(self.phases, "optimizer"),
              "schedulers": PhaseStates(self.phases, "scheduler"), "coordinator": self.coord},
             meta={"world_size": self.world, "architecture": cfg.model.architecture(), "config": cfg.to_dict(redact=True),
-                  "shape": list(self.manifest.shape), "dtype": self.manifest.dtype, "num_classes": num_classes,
-                  "output": self.aae.output, **({"table": self.manifest.table} if self.manifest.table else {})},
+                  "shape": list(m.shape), "dtype": m.dtype, "num_classes": self.aae.num_classes,
+                  "output": self.aae.output, **({"table": m.table} if m.table else {}),
+                  **({"scaling": m.custom_scaling} if m.custom_scaling else {})},
         )
-        self.resumed_from = self._restore()
-        self.last_saved_step = self.resumed_from
-        timeline.mark("models_ready")
-        self.reporter = Reporter(cfg, self.aae, self.phases, session.run_url, self.eval_split, self.manifest,
-                                 resumed_step=self.coord.step, feed=feed) if self.rank == 0 else None
+
+    def _build_reporter(self, feed) -> Reporter:
+        return Reporter(self.cfg, self.aae, self.phases, self.session.run_url, self.eval_split, self.manifest,
+                        resumed_step=self.coord.step, feed=feed, run_name=self.name)
 
     def _labelled_sampler(self):
         """Few labels: every step draws a labelled minibatch from the (small, identical on every
@@ -266,8 +294,8 @@ class Trainer:
                     self.startup_s = time.time() - self.started_at
                     timeline.mark("first_step")
                 means = self.train_step([(self.aae.normalise(x), y.to(self.device, non_blocking=True)) for x, y in group])
-                if self.after_step:
-                    self.after_step(self.world, self.rank, coord.step)
+                if self.callbacks:
+                    self.callbacks("step", world=self.world, rank=self.rank, step=coord.step)
                 if means is not None:
                     average_buffers(self.aae.nets.values())  # batch-norm statistics: the same on every replica
                     self._check_numerics()
@@ -287,7 +315,13 @@ class Trainer:
         baselines = evaluator.baselines(self.eval_split, run_url=self.session.run_url, steps=coord.step) if metrics and self.rank == 0 else {}
         self.eval_s = time.perf_counter() - t_eval
         self.save_checkpoint(final=True, metrics=metrics)
-        return write_summary(self, metrics, baselines, samples / train_s if train_s else 0.0, train_s)
+        return write_summary(self.record(train_s, samples / train_s if train_s else 0.0), metrics, baselines)
+
+    def record(self, train_s: float, samples_per_s: float) -> RunRecord:
+        """The run as the summary writer reads it."""
+        return RunRecord(self.rank, self.world, str(self.device), self.session.node(), self.session.run_url, self.aae.nets, self.coord,
+                         self.comm, self.started_at, self.start_step, self.resumed_from, self.startup_s, self.eval_s, train_s,
+                         samples_per_s, self.cfg.train.max_steps, self.cfg.to_dict(redact=True), self.reporter)
 
     def _check_numerics(self) -> None:
         if self.coord.nonfinite_steps and self.cfg.train.nan_policy == "stop":
@@ -308,7 +342,8 @@ class Trainer:
         if self.rank == 0:
             folder = scratch_dir()
             self.checkpointer.save(folder, coord.step, final, epoch=coord.epoch, **meta)
-            faults.maybe_die_writing_checkpoint(self.cfg.run.name, coord.step)
+            if self.callbacks:
+                self.callbacks("checkpoint_written", run_name=self.name, step=coord.step, folder=folder)
         try:
             self.session.save(folder, coord.step, {"step": coord.step, "epoch": coord.epoch, **coord.last_means, **(metrics or {})})
         finally:
@@ -342,11 +377,18 @@ def train_worker(payload: dict) -> None:
     timeline.update(payload.get("timeline") or {})  # the driver's marks
     cfg = Config.model_validate(payload["config"])
     feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
-    _fit(Trainer(cfg, RaySession(payload["run_url"], cfg.train.keep_checkpoints), payload.get("started_at"), feed))
+    session = RaySession(payload["run_url"], cfg.train.keep_checkpoints)
+    _fit(Trainer(cfg, session, payload.get("started_at"), feed, **payload.get("worker", worker_options(cfg))))
 
 
-def train_in_process(cfg: Config, run_url: str, started_at: float | None = None, feed=None) -> dict:
-    return _fit(Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at, feed))
+def train_in_process(cfg: Config, run_url: str, started_at: float | None = None, feed=None, callbacks=()) -> dict:
+    return _fit(Trainer(cfg, LocalSession(run_url, cfg.train.keep_checkpoints), started_at, feed, callbacks=callbacks, **worker_options(cfg)))
+
+
+def worker_options(cfg: Config) -> dict:
+    """What a worker takes from the driver's run section, passed explicitly (the trainer reads no run.* key):
+    torch threads (train.threads, else the CPUs each worker was given), the GPU, the run's name."""
+    return {"threads": cfg.train.threads or cfg.run.cpus_per_worker, "gpu": cfg.run.gpu, "name": cfg.run.name}
 
 
 def _fit(trainer: Trainer) -> dict:

@@ -1,4 +1,5 @@
-"""Fault injection and tracing for the reliability tests; inactive unless set in the workers' environment.
+"""Fault injection and tracing for the reliability tests, as trainer callbacks (train.callbacks=["faults:from_environment"],
+with this folder on PYTHONPATH); inactive unless set in the workers' environment.
 
 - `AAE_DIST_FAULT=RUN_NAME:STEP:MARKER_FILE` (RUN_NAME may be a glob) makes rank 0 of that run SIGKILL itself halfway through
   writing the checkpoint of STEP (state written, not yet reported), once (the marker file remembers).
@@ -13,6 +14,23 @@ import os
 import signal
 import time
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+CALLBACK = "train.callbacks=[faults:from_environment]"  # a --set item
+
+
+def environment(env: dict) -> dict:
+    """`env` with this folder on PYTHONPATH, so workers started from it import this module."""
+    paths = [TESTS] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def from_environment(event: str, **info) -> None:
+    """The trainer callback: what the AAE_DIST_* variables ask for."""
+    if event == "checkpoint_written":
+        maybe_die_writing_checkpoint(info["run_name"], info["step"])
+    elif event == "step":
+        trace_step(info["world"], info["rank"], info["step"])
+
 
 def maybe_die_writing_checkpoint(run_name: str, step: int) -> None:
     spec = os.environ.get("AAE_DIST_FAULT")
@@ -24,20 +42,13 @@ def maybe_die_writing_checkpoint(run_name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def step_tracer():
-    """None unless a test asked for it: then a function called after every step."""
+def trace_step(world: int, rank: int, step: int) -> None:
     log, delay = os.environ.get("AAE_DIST_STEP_LOG"), float(os.environ.get("AAE_DIST_STEP_DELAY", "0") or 0)
-    if not log and not delay:
-        return None
-
-    def after_step(world: int, rank: int, step: int) -> None:
-        if log:
-            with open(log, "a") as fh:  # one short line per write: appends from several processes stay whole
-                fh.write(f"{world} {rank} {step} {os.getpid()}\n")
-        if delay:
-            time.sleep(delay)
-
-    return after_step
+    if log:
+        with open(log, "a") as fh:  # one short line per write: appends from several processes stay whole
+            fh.write(f"{world} {rank} {step} {os.getpid()}\n")
+    if delay:
+        time.sleep(delay)
 
 
 def read_step_log(path: str, pids: bool = False) -> list[tuple[int, ...]]:

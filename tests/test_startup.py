@@ -1,0 +1,54 @@
+"""Start-up: a fresh local Ray starts while the driver's torch-bound pre-flight runs (issue 23), and a
+refused run still writes nothing and leaves nothing running."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from aae_dist import launch
+from aae_dist.cli import main
+from test_bad_input_matrix import T, tree_digest, world  # noqa: F401  (world: the matrix's module fixture)
+
+
+def ray_start_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "aae-dist-ray-start"]
+
+
+def refused(capsys, argv, needle: str) -> None:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err, err
+
+
+@pytest.mark.ray
+def test_a_torch_bound_refusal_stops_the_ray_it_overlapped(world, monkeypatch, capsys):  # noqa: F811
+    """The prior is checked (torch imported) while the local Ray starts; its refusal shuts that Ray down
+    again and nothing is written."""
+    import ray
+
+    seen = []
+    real = launch.check_models
+    monkeypatch.setattr(launch, "check_models", lambda cfg, m: (seen.append(bool(ray_start_threads())), real(cfg, m)))
+    before = tree_digest(world)
+    refused(capsys, T(world, "prior.kind=mixture", extra=["--workers", "1"]), "2-D prior but model.latent_dim=8")
+    assert seen == [True]  # Ray was starting while the torch-bound checks ran
+    assert not ray.is_initialized() and not ray_start_threads()
+    assert tree_digest(world) == before
+
+
+@pytest.mark.parametrize("case", ["plan refusal", "dry run"])
+def test_no_ray_is_started_early_for_a_plan_refusal_or_a_dry_run(world, monkeypatch, capsys, case):  # noqa: F811
+    """Refusals that need no torch come before Ray's start; --dry-run never starts one."""
+    import ray
+
+    started = []
+    monkeypatch.setattr(launch, "start_early", lambda *a: started.append(a))
+    if case == "plan refusal":
+        refused(capsys, T(world, "data.batch_size=1", data="tiny", extra=["--workers", "4"]), "4 workers but split 'train'")
+    else:
+        assert main(T(world, extra=["--workers", "1", "--dry-run"])) == 0
+    assert not started and not ray.is_initialized()
