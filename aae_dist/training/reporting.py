@@ -24,8 +24,12 @@ class Reporter:
         self.feed = feed
         self.trackers = Trackers(cfg, run_url, resumed=bool(resumed_step), warn=self.warn)  # log.mlflow, log.wandb; first: the one likely to refuse
         self.logger = TensorBoardLogger(run_url, purge_step=resumed_step or None)
-        data = ShardStream(cfg.data.path, eval_split, 512, shuffle=False, manifest=manifest)
-        x, y = next(iter(data.iter_epoch(0)))
+        try:
+            data = ShardStream(cfg.data.path, eval_split, 512, shuffle=False, manifest=manifest)
+            x, y = next(iter(data.iter_epoch(0)))
+        except BaseException:  # a bad shard: the trainer never gets a reporter to close
+            self.logger.close()
+            raise
         self.viz = aae.normalise(x), y.numpy()
         self.generator = torch.Generator(device=aae.device)
 
