@@ -27,16 +27,20 @@ def check_feasible(plan: RunPlan, run: RunSection, verbose: bool = False) -> Non
 
         connect_ray(run.address, verbose)
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    else:  # the local Ray to be started: this machine
-        import torch
-
-        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    else:  # the local Ray to be started: this machine (torch, for its GPUs, only where the plan asks for one)
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus() if ask.get("GPU") else 0)}]
     fits = sum(min(int(res.get(k, 0) // v) for k, v in ask.items() if v > 0) for res in nodes)
     if fits < max(1, lo):
         have = ", ".join(f"{k} {sum(r.get(k, 0) for r in nodes):g}" for k in ask)
         raise UserError(f"the cluster can place {fits} of the {max(1, lo)} workers asked for ({', '.join(f'{k} {v:g}' for k, v in ask.items())} "
                         f"each; it has {have} on {len(nodes)} node(s)): lower --workers or run.cpus_per_worker, "
                         "or set run.autoscaling=true for a cluster that adds nodes")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def check_shared_storage(storage_url: str, nodes: int) -> None:
@@ -77,12 +81,11 @@ def forget_ray_snapshot(run_url: str) -> None:
 
 
 def worker_payload(cfg: Config, plan: RunPlan, started_at: float, board=None) -> dict:
-    """train_loop_config: plain data.  "plan" is the run plan (RunPlan.from_dict); the config's
-    run.cpus_per_worker carries the plan's CPUs for workers that read it there (the caller's cfg is not changed)."""
-    config = cfg.to_dict()
-    config["run"]["cpus_per_worker"] = plan.resources.get("CPU", config["run"]["cpus_per_worker"])
-    return {"config": config, "run_url": plan.run_url, "started_at": started_at, "board": board,
-            "timeline": timeline.marks(), "plan": plan.to_dict()}
+    """train_loop_config: plain data.  "plan" is the run plan (RunPlan.from_dict); "worker" is what a worker
+    takes from the run section (threads, GPU, name), so no worker code reads run.* (the caller's cfg is not changed)."""
+    worker = {"threads": cfg.train.threads or plan.threads, "gpu": cfg.run.gpu, "name": cfg.run.name}
+    return {"config": cfg.to_dict(), "run_url": plan.run_url, "started_at": started_at, "board": board,
+            "timeline": timeline.marks(), "plan": plan.to_dict(), "worker": worker}
 
 
 def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board=None, callbacks=()):

@@ -69,6 +69,8 @@ def test_torch_trainer_leaves_the_config_alone_and_carries_the_plan(tmp_path, ma
     assert cfg.run.cpus_per_worker is None
     payload = trainer.train_loop_config
     assert RunPlan.from_dict(payload["plan"]) == plan and payload["run_url"] == plan.run_url
+    assert payload["worker"] == {"threads": plan.threads, "gpu": False, "name": "r"}  # the worker reads no run.* key
+    assert payload["config"]["run"]["cpus_per_worker"] is None
     assert trainer.scaling_config.resources_per_worker == plan.resources and plan.resources["CPU"] >= 1
 
 

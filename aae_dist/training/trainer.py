@@ -378,7 +378,7 @@ def train_worker(payload: dict) -> None:
     cfg = Config.model_validate(payload["config"])
     feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
     session = RaySession(payload["run_url"], cfg.train.keep_checkpoints)
-    _fit(Trainer(cfg, session, payload.get("started_at"), feed, **payload.get("worker", worker_options(cfg))))
+    _fit(Trainer(cfg, session, payload.get("started_at"), feed, **payload["worker"]))
 
 
 def train_in_process(cfg: Config, run_url: str, started_at: float | None = None, feed=None, callbacks=()) -> dict:
