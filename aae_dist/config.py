@@ -84,6 +84,8 @@ class ModelConfig(Section):
     num_classes: Optional[int] = arch(None, gt=1, le=MAX_CLASSES, description="K of the categorical y; default: the dataset's classes")
     cluster_head_distance: float = Field(2.0, ge=0, le=1e6, description="dim_reduction: cluster heads closer than this are pushed apart")
     cluster_head_weight: float = Field(1.0, ge=0, le=MAX_SCALE, description="dim_reduction: weight of the push between close cluster heads")
+    cluster_heads: int = arch(1, ge=1, le=64, description="clustering / semi_supervised: y heads on one encoder trunk, each with its own y "
+                              "terms; the decoder reads the first, the metrics report the head with the best unsupervised objective")
     kind: Literal["mlp", "conv"] = arch("mlp", description="network family: the paper's MLPs or strided convolutions")
     hidden: list[int] = arch([1000, 1000], description=f"hidden layer widths of encoder and decoder [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
     disc_hidden: list[int] = arch([1000, 1000], description=f"hidden layer widths of the discriminators [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
@@ -122,7 +124,9 @@ class ModelConfig(Section):
         """The settings a checkpoint's weights depend on (the fields declared with `arch`)."""
         d = self.model_dump(mode="json")
         # a built-in network is left out, so checkpoints written before model.encoder/decoder/discriminator existed still resume
-        return {k: d[k] for k in self.architecture_keys() if not (k in NETWORK_KEYS and d[k]["class_path"] is None)}
+        # likewise one y head (checkpoints from before model.cluster_heads)
+        return {k: d[k] for k in self.architecture_keys()
+                if not (k in NETWORK_KEYS and d[k]["class_path"] is None) and not (k == "cluster_heads" and d[k] == 1)}
 
 
 PRIOR_KINDS: dict[str, tuple[str, ...]] = {  # kind -> its parameters; aae_dist.models.priors.prior registers more

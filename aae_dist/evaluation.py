@@ -30,6 +30,8 @@ class Evaluator:
         self.manifest, self.device, self.rank, self.world = manifest, aae.device, rank, world
         self.path = data_path or cfg.data.path
         self.generator = torch.Generator(device=self.device)
+        self.num_heads = getattr(self.nets["encoder"], "num_heads", 1)  # model.cluster_heads of a categorical y
+        self.head = 0  # the y head the metrics report (the chosen one, with several)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return self.aae.normalise(x)
@@ -46,7 +48,9 @@ class Evaluator:
     def _run(self, split: str) -> dict:
         self.generator.manual_seed(seeds.evaluation(self.cfg.train.seed))
         enc, dec = self.nets["encoder"], self.nets["decoder"]
+        out = self.choose_head() if self.num_heads > 1 else {}
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # recon*n, n, wrong, labelled
+        wrong = torch.zeros(self.num_heads, dtype=torch.float64, device=self.device)  # per head
         codes = []
         for x, y in self.stream(split).iter_epoch(0):
             x, y = self.to_device(x), y.to(self.device)
@@ -56,15 +60,19 @@ class Evaluator:
             sums[1] += len(x)
             if c.y_logits is not None and (y >= 0).any():
                 known = y >= 0
-                sums[2] += (c.y_logits.argmax(1)[known] != y[known]).sum()
+                sums[2] += (c.heads[self.head].argmax(1)[known] != y[known]).sum()
                 sums[3] += known.sum()
+                if self.num_heads > 1:
+                    wrong += torch.stack([(h.argmax(1)[known] != y[known]).sum() for h in c.heads]).double()
             if sum(len(a) for a in codes) < 2000:
                 codes.append(c.z.float())
         _allreduce(sums)
-        out = {"recon_loss": float(sums[0] / sums[1])}
+        out["recon_loss"] = float(sums[0] / sums[1])
         wanted = self.aae.variant.metrics
         if "classify_error" in wanted and sums[3] > 0:
             out["classify_error"] = float(sums[2] / sums[3])
+            if self.num_heads > 1:
+                out["classify_error_heads"] = (_allreduce(wrong) / sums[3]).tolist()
         if "cluster_error" in wanted and self.manifest.labels:
             out.update(self.cluster_metrics(split))
         out["prior_match"] = self.prior_match(torch.cat(codes)[:2000])  # every regularizer's codes aim at the prior
@@ -83,24 +91,50 @@ class Evaluator:
         return {**report_scalars(report), "table": report}
 
     # ---- clustering ------------------------------------------------------------------------
+    def choose_head(self) -> dict:
+        """model.cluster_heads: the head the metrics report is the one with the lowest unsupervised objective
+        H(y|x) - info_mu x H(mean y) on the training split in eval mode (IIC keeps its best head the same way);
+        the stream's labels are never read, so no label can choose it."""
+        mu = self.cfg.phases.reconstruction.info_mu
+        acc = torch.zeros(self.num_heads, self.k + 2, dtype=torch.float64, device=self.device)  # sum p, sum H(y|x), n
+        for x, _ in self.stream("train").iter_epoch(0):
+            for i, h in enumerate(self.aae.encode(self.to_device(x), self.generator).heads):
+                logp = torch.log_softmax(h.double(), 1)
+                acc[i, : self.k] += logp.exp().sum(0)
+                acc[i, self.k] += -(logp.exp() * logp).sum()
+                acc[i, self.k + 1] += len(logp)
+        _allreduce(acc)
+        n = acc[:, self.k + 1 :].clamp_min(1)
+        marginal = (acc[:, : self.k] / n).clamp_min(1e-300)
+        objective = acc[:, self.k] / n[:, 0] + mu * (marginal * marginal.log()).sum(1)
+        self.head = int(torch.argmin(objective))
+        return {"cluster_head": self.head, "cluster_head_objectives": objective.tolist()}
+
     def assignments(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cluster, confidence log q(y|x), label) of every sample of a split, gathered from all ranks."""
+        """(cluster, confidence log q(y|x), label) of every sample of a split, gathered from all ranks; cluster and
+        confidence have one row per y head."""
         parts = []
         for x, y in self.stream(split).iter_epoch(0):
             # log q(y|x) in float64: softmax saturates at 1.0 for sharp codes, which would tie the most confident samples
-            logp = torch.log_softmax(self.aae.encode(self.to_device(x), self.generator).y_logits.double(), 1)
-            conf, cl = logp.max(1)
-            parts.append((cl.cpu().numpy(), conf.cpu().numpy(), y.numpy()))
-        mine = tuple(np.concatenate([p[i] for p in parts]) if parts else np.empty(0) for i in range(3))
+            best = [torch.log_softmax(h.double(), 1).max(1) for h in self.aae.encode(self.to_device(x), self.generator).heads]
+            parts.append((torch.stack([b[1] for b in best]).cpu().numpy(), torch.stack([b[0] for b in best]).cpu().numpy(), y.numpy()))
+        mine = tuple(np.concatenate([p[i] for p in parts], -1) if parts else np.empty((self.num_heads, 0)[i == 2 :]) for i in range(3))
         everyone = all_gather(mine)
-        return tuple(np.concatenate([e[i] for e in everyone]) for i in range(3))
+        return tuple(np.concatenate([e[i] for e in everyone], -1) for i in range(3))
 
     def cluster_metrics(self, split: str) -> dict:
         """The paper's clustering error (clusters labelled by their most confident training sample), the
-        majority-vote error, and cluster usage.  Training labels are read here only to score."""
+        majority-vote error, and cluster usage, of the reported head; with several heads, every head's errors
+        too.  Training labels are read here only to score."""
         pool = self.assignments("train")
         test = self.assignments(split)
-        return cluster_scores(pool[0], pool[1], pool[2].astype(np.int64), test[0], test[2].astype(np.int64), self.k)
+        scores = [cluster_scores(pool[0][h], pool[1][h], pool[2].astype(np.int64), test[0][h], test[2].astype(np.int64), self.k)
+                  for h in range(len(pool[0]))]
+        out = dict(scores[self.head])
+        if len(scores) > 1:
+            out["cluster_error_heads"] = [s["cluster_error"] for s in scores]
+            out["cluster_error_majority_heads"] = [s["cluster_error_majority"] for s in scores]
+        return out
 
     # ---- baselines ---------------------------------------------------------------------------
     def pixels(self, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ from .console import ConsoleProgress, LocalBoard, final_table, start_line
 from .data import read_manifest
 from .errors import UserError
 from .plan import RunPlan
-from .preflight import check_flags, check_resume, preflight
-from .ray_connect import connect_ray, ray_log_dir
+from .preflight import check_flags, check_models, check_plan, check_resume, preflight
+from .ray_connect import connect_ray, ray_log_dir, start_early
 from .ray_launch import check_feasible, launch_ray
 from .variants import variant
 
@@ -127,15 +127,19 @@ def _run_training(cfg: Config, resume: bool, overwrite: bool, dry_run: bool, ver
     runfolder.check_storage(storage_url)
     run_url = storage.join(storage_url, cfg.run.name)
     exists = check_flags(cfg, run_url, resume, overwrite)
-    plan = make_plan(cfg, run_url, check=True)
+    plan, m = plan_and_manifest(cfg, run_url)
+    check_plan(cfg, plan, m)
     if resume:
         check_resume(run_url, cfg)
     if cfg.run.uses_ray:
         check_feasible(plan, cfg.run, verbose)
-    if dry_run:
-        print(dry_run_text(cfg, plan, exists and not resume))
-        return Outcome(0, None, None)
-    lease = runfolder.Lease(run_url, cfg.run.name).acquire()  # one owner from here on
+    early = start_early(verbose) if cfg.run.uses_ray and not cfg.run.address and not dry_run else None
+    with stopped_if_refused(early):  # the torch-bound checks run while the local Ray starts
+        check_models(cfg, m)
+        if dry_run:
+            print(dry_run_text(cfg, plan, exists and not resume))
+            return Outcome(0, None, None)
+        lease = runfolder.Lease(run_url, cfg.run.name).acquire()  # one owner from here on
     try:
         return _train_holding_lease(cfg, plan, resume, overwrite, started_at, verbose, kept)
     finally:
@@ -143,16 +147,32 @@ def _run_training(cfg: Config, resume: bool, overwrite: bool, dry_run: bool, ver
 
 
 def make_plan(cfg: Config, run_url: str, check: bool = False) -> RunPlan:
-    """The run plan from the config and the dataset's manifest (read once); check=True: pre-flight too.
-    A table dataset's own defaults are applied to `cfg` first, where the config left a key unset."""
+    """The run plan from the config and the dataset's manifest (read once); check=True: pre-flight too."""
+    plan, m = plan_and_manifest(cfg, run_url)
+    if check:
+        preflight(cfg, plan, m)
+    return plan
+
+
+def plan_and_manifest(cfg: Config, run_url: str):
+    """The plan and the manifest it was made from.  A table dataset's own defaults are applied to `cfg`
+    first, where the config left a key unset."""
     from .data.tables import apply_table_defaults
 
     m = read_manifest(cfg.data.path)
     apply_table_defaults(cfg, m)
-    plan = RunPlan.of(cfg, run_url, m.split("train", cfg.data.path).count)
-    if check:
-        preflight(cfg, plan, m)
-    return plan
+    return RunPlan.of(cfg, run_url, m.split("train", cfg.data.path).count), m
+
+
+@contextlib.contextmanager
+def stopped_if_refused(early):
+    """A Ray started early is shut down again when what follows refuses: a refused run leaves nothing running."""
+    try:
+        yield
+    except BaseException:
+        if early is not None:
+            early.stop()
+        raise
 
 
 def dry_run_text(cfg: Config, plan: RunPlan, replaces: bool) -> str:

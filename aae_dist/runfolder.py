@@ -212,6 +212,7 @@ def _move(fs, src: str, dst: str) -> None:
 def set_aside(run_url: str) -> None:
     """Move the old run's files into run_url/.replaced (a rename locally, copies on object storage)."""
     fs, path = storage.filesystem(run_url)
+    storage.with_retries("creating", run_url, lambda: fs.makedirs(f"{path}/{ASIDE}", exist_ok=True))  # a file is moved into it first
     for name in storage.listdir(run_url):
         if is_run_file(name) and name not in (LEASE, ASIDE):
             _move(fs, f"{path}/{name}", f"{path}/{ASIDE}/{name}")

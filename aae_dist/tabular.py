@@ -153,10 +153,27 @@ def real_rows(model, data: str, split: str, limit: int = 0):
 
 def evaluate_table(ref: str, data: str, split: str = "test", n: int = 0, seed: int = 0, limit: int = 20_000) -> dict:
     """The table report of a run: real training rows, `n` generated ones (default: as many) and the held-out `split`."""
+    return report_of(table_model(ref), data, split, n, seed, limit)
+
+
+def report_of(model, data: str, split: str = "test", n: int = 0, seed: int = 0, limit: int = 20_000) -> dict:
+    """The table report of a model in hand (the trainer's at the end of a run, or a loaded one)."""
     from .tabular_report import table_report
 
-    model = table_model(ref)
     train = real_rows(model, data, "train", limit)
     holdout = real_rows(model, data, split, limit) if split != "train" else train.slice(0, 0)
     synth = generate_rows(model, n or train.num_rows, torch.Generator().manual_seed(seed))
     return table_report(train, synth, holdout, model.rows.table, seed)
+
+
+def report_scalars(report: dict) -> dict:
+    """The report's headline figures as flat `table/...` numbers: TensorBoard's final/ scalars, metrics.json, the console."""
+    q, p, e = report["quality"], report["privacy"], report.get("efficacy")
+    out = {"table/quality_score": q["quality_score"], "table/column_shapes": q["column_shapes"],
+           "table/column_pair_trends": q["column_pair_trends"], "table/synthetic_identical_to_train": p["synthetic_identical_to_train"],
+           "table/holdout_identical_to_train": p["holdout_identical_to_train"], "table/synthetic_median_dcr": p["synthetic_median_dcr"],
+           "table/holdout_median_dcr": p["holdout_median_dcr"]}
+    if e:
+        out.update({"table/train_on_real_accuracy": e["train_on_real"]["accuracy"],
+                    "table/train_on_synthetic_accuracy": e["train_on_synthetic"]["accuracy"], "table/efficacy_gap": e["accuracy_gap"]})
+    return out
