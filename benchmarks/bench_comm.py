@@ -16,10 +16,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # multiprocess.py: test scaffolding
 from common import PAPER_MLP, HandWrittenAAE, machine  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
-from aae_dist.training.multiprocess import run_processes  # noqa: E402
+from multiprocess import run_processes  # noqa: E402
 
 BATCH = 128
 LRS = {"reconstruction": 1e-3, "discriminator": 2e-4, "generator": 2e-4}  # the defaults
@@ -82,7 +83,7 @@ def _hand_ddp(rank: int, world: int, port: int, data: str, steps: int, out: str)
 def hand_written(data: str, samples: int) -> float:
     import torch.multiprocessing as mp
 
-    from aae_dist.training.multiprocess import _free_port
+    from multiprocess import _free_port
 
     out = os.path.join(tempfile.mkdtemp(prefix="aae-bench-hand-"), "rate")
     mp.start_processes(_hand_ddp, args=(2, _free_port(), data, samples // (2 * BATCH), out), nprocs=2, start_method="spawn")

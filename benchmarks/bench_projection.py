@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # multiprocess.py: test scaffolding
 from common import PAPER_MLP, machine, write_mnist_like  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
@@ -151,7 +152,7 @@ def main() -> None:
     print(f"[measured] gloo all-reduce, 2 processes on this machine: latency {alpha * 1e6:.0f} us, bandwidth {beta / 1e9:.2f} GB/s")
 
     if not args.skip_check:
-        from aae_dist.training.multiprocess import run_processes
+        from multiprocess import run_processes
 
         summaries = {}
         for w in (1, 2):

@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # multiprocess.py: test scaffolding
 from common import PAPER_MLP, HandWrittenAAE, machine, write_mnist_like  # noqa: E402
 
 from aae_dist.config import load_config  # noqa: E402
@@ -151,7 +152,7 @@ def roofline(data: str, x_all: torch.Tensor, batch: int, steps: int, repeats: in
 
 
 def scaling(data: str, batch: int, steps: int) -> dict:
-    from aae_dist.training.multiprocess import run_processes
+    from multiprocess import run_processes
 
     out = {}
     for world in (1, 2):
