@@ -234,7 +234,9 @@ class TrainConfig(Section):
                                                "bf16 (avx512_bf16/AMX; refused elsewhere); weights, gradients, losses and reductions stay fp32")
     fused: bool = Field(True, description="fused Adam/SGD kernels (one per phase) where torch has them for the device; false: the "
                                           "per-parameter loop")
-    compile: bool = Field(False, description="torch.compile each network's forward")
+    compile: bool = Field(False, description="torch.compile each network's forward (inductor: fewer, fused kernels; the "
+                                            "optimizers and the coordinator's reductions stay eager).  For GPUs, whose step is bound "
+                                            "by kernel launches; costs compile time at start; trains like eager (tested on CPU)")
     grad_compression: Union[Literal["none", "fp16", "bf16", "powersgd"], dict[str, Literal["none", "fp16", "bf16", "powersgd"]]] = Field(
         "none", description="how gradients travel: none, fp16/bf16 (half the bytes), powersgd (low-rank); one for all networks or "
                             "per network, e.g. {encoder: powersgd, decoder: powersgd, discriminator: fp16}")

@@ -16,19 +16,46 @@ from .variants import variant
 def preflight(cfg: Config, plan: RunPlan | None = None, manifest=None) -> None:
     """Everything that can be checked before a worker starts (the manifest and the plan: read and made here if not given)."""
     from .data import read_manifest
-    from .models.priors import build_prior
 
     m = manifest or read_manifest(cfg.data.path)
     plan = plan or RunPlan.of(cfg, "", m.split("train", cfg.data.path).count)
-    build_prior(cfg.prior, cfg.model.latent_dim)
-    check_device(cfg)
-    plan.check()
-    check_against_data(cfg, m)
-    from .models.networks import build_networks
+    check_plan(cfg, plan, m)
+    check_models(cfg, m)
+
+
+def check_plan(cfg: Config, plan: RunPlan, m) -> None:
+    """The checks that need no torch: `train` runs them before a local Ray starts beside check_models."""
     from .training.trackers import check as check_trackers
 
-    build_networks(cfg.model, tuple(m.shape), cfg.model.num_classes or m.num_classes)
+    plan.check()
+    check_against_data(cfg, m)
     check_trackers(cfg)  # log.mlflow / log.wandb: their clients are installed
+
+
+def check_models(cfg: Config, m) -> None:
+    """The checks that import torch (~1.5 s): the prior, the device, the networks built on torch's meta
+    device (shapes and options checked, no weights drawn)."""
+    from .models.priors import build_prior
+
+    build_prior(cfg.prior, cfg.model.latent_dim)
+    check_device(cfg)
+    check_networks(cfg, m)
+
+
+def check_networks(cfg: Config, m) -> None:
+    """build_networks refuses what the data cannot feed; on the meta device it allocates and draws nothing."""
+    import torch
+
+    from .models.networks import build_networks
+
+    args = (cfg.model, tuple(m.shape), cfg.model.num_classes or m.num_classes)
+    try:
+        with torch.device("meta"):
+            build_networks(*args)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a layer the meta device cannot build: build it for real
+        build_networks(*args)
 
 
 def check_device(cfg: Config) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
 from .errors import UserError
+
+_early: "EarlyRay | None" = None  # a local Ray being started in the background (start_early)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -38,6 +44,12 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     Quiet unless verbose: workers' and Ray's own output stay in Ray's log folder (`ray_log_dir`),
     not on the console.  The local dashboard (bound to 127.0.0.1) is kept: without it Ray's State
     API is off and Ray Train's clean-up actor fails to query it every second."""
+    if _early is not None and not address:
+        _early.wait()
+    _init(address, verbose)
+
+
+def _init(address: str | None, verbose: bool) -> None:
     import logging
 
     import ray
@@ -51,6 +63,69 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     kw = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
     ray.init(address=address or "local", log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR, **kw)
+
+
+class EarlyRay:
+    """A fresh local Ray started in a thread of its own, so its ~3 s start overlaps the driver's torch-bound
+    pre-flight (ray.init mostly waits on Ray's processes).  The thread lives as long as the Ray session:
+    on Linux Ray's processes are killed when the *thread* that started them ends (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, verbose: bool = False):
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        _exit_on_sigterm()  # what ray.init does, and can do only on the main thread
+        self.thread = threading.Thread(target=self._run, args=(verbose,), name="aae-dist-ray-start", daemon=True)
+        self.thread.start()
+
+    def _run(self, verbose: bool) -> None:
+        import time
+
+        import ray
+
+        try:
+            _init(None, verbose)
+        except BaseException as exc:  # noqa: BLE001 - raised again by wait(), in the caller's thread
+            self.error = exc
+        finally:
+            self.ready.set()
+        while ray.is_initialized():  # keep Ray's processes alive until ray.shutdown()
+            time.sleep(0.5)
+
+    def wait(self) -> None:
+        """Block until Ray is up; its start-up error, if any, is raised here."""
+        global _early
+        self.ready.wait()
+        if _early is self:
+            _early = None
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """The pre-flight refused: shut the Ray down again (after its start, which cannot be cut short)."""
+        import ray
+
+        try:
+            self.wait()
+        except BaseException:  # noqa: BLE001 - the refusal, not Ray's own failure, is what the user needs
+            pass
+        ray.shutdown()
+        self.thread.join()
+
+
+def start_early(verbose: bool = False) -> EarlyRay | None:
+    """Begin a fresh local Ray now (connect_ray waits for it); None where one is already running."""
+    global _early
+    import ray
+
+    if _early is None and not ray.is_initialized():
+        _early = EarlyRay(verbose)
+    return _early
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the driver through sys.exit, so atexit stops Ray's processes (ray.init's handler)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
 
 def ray_log_dir() -> str | None:

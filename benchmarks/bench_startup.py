@@ -1,8 +1,11 @@
 """Start-up and final evaluation of the default run (`aae-dist train`, fresh local Ray, embedded
 digits), broken down by stage from `summary.json["startup_stages_s"]`, beside what Ray and torch cost
 on their own in the same run: a bare `ray.init` and a TorchTrainer whose function does nothing.
+aae-dist's own share of the start-up = start-up to the first step - bare Ray start - bare worker group
+(`import ray` counts as ours).  --before DIR alternates, round by round, with the code of an older
+checkout (e.g. `git worktree add /tmp/before HEAD~1`); --steps N shortens the training (start-up only).
 
-    python benchmarks/bench_startup.py [--runs 1]
+    python benchmarks/bench_startup.py [--runs 1] [--steps N] [--before DIR]
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,30 +55,54 @@ def timed(cmd: list[str], env=None) -> float:
     return time.time() - t0
 
 
+FIT = "fit() to the worker function (controller, worker group, process group)"
+
+
+def bare_ray(env) -> dict:
+    out = subprocess.run([sys.executable, "-c", BARE_RAY], check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def aae_run(env, steps: int | None, tree: str | None) -> tuple[dict, float]:
+    """One `aae-dist train` with the defaults (fresh local Ray); tree: run that checkout's code instead."""
+    storage = tempfile.mkdtemp(prefix="aae-bench-startup-")
+    extra = ["--set", f"train.max_steps={steps}", "--set", "train.parzen_samples=100"] if steps else []
+    if tree:
+        env = dict(env, PYTHONPATH=tree)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "aae_dist.cli", "train", "--storage", storage, "--name", "default", *extra], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tree)
+    return json.load(open(os.path.join(storage, "default", "summary.json"))), time.time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="train.max_steps of each run (default: the full default run)")
+    ap.add_argument("--before", default=None, help="a checkout of older code to alternate with, round by round")
     a = ap.parse_args()
     env = dict(os.environ, TQDM_DISABLE="1")
     print(f"machine: {machine()}")
     py = sys.executable
     print(f"[floor] python -c 'import torch': {timed([py, '-c', 'import torch']):.2f} s; "
           f"+ torch._dynamo (torch's optimizers import it on first use): {timed([py, '-c', 'import torch, torch._dynamo']):.2f} s")
-    bare = json.loads(subprocess.run([py, "-c", BARE_RAY], check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
-    for k, v in bare.items():
-        print(f"[floor] bare Ray, same options: {k}: {v:.2f} s")
+    own: dict[str, list[float]] = {}
     for i in range(a.runs):
-        storage = tempfile.mkdtemp(prefix="aae-bench-startup-")
-        t0 = time.time()
-        subprocess.run([py, "-m", "aae_dist.cli", "train", "--storage", storage, "--name", "default"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        total = time.time() - t0
-        s = json.load(open(os.path.join(storage, "default", "summary.json")))
-        print(f"[run {i}] aae-dist train (defaults): start-up to the first step {s['startup_s']:.2f} s (goal <= 12 s); "
-              f"training {s['train_s']:.1f} s; final evaluation {s['eval_s']:.2f} s = {s['eval_s'] / s['wall_s']:.1%} of the run's "
-              f"{s['wall_s']:.1f} s (goal <= 10%); command {total:.1f} s in all")
-        for stage, sec in s["startup_stages_s"].items():
-            print(f"[run {i}]   {stage}: {sec:.2f} s")
+        bare = bare_ray(env)
+        print(f"[round {i}] load average {os.getloadavg()[0]:.1f}")
+        for k, v in bare.items():
+            print(f"[round {i}] [floor] bare Ray, same options: {k}: {v:.2f} s")
+        for label, tree in ([("before", a.before)] if a.before else []) + [("now", None)]:
+            s, total = aae_run(env, a.steps, tree)
+            share = s["startup_s"] - bare["ray start"] - bare[FIT]
+            own.setdefault(label, []).append(share)
+            print(f"[round {i}] [{label}] aae-dist train (defaults{f', {a.steps} steps' if a.steps else ''}): start-up to the first step "
+                  f"{s['startup_s']:.2f} s, of which aae-dist's own {share:.2f} s (goal <= 1.5 s); training {s['train_s']:.1f} s; "
+                  f"final evaluation {s['eval_s']:.2f} s = {s['eval_s'] / s['wall_s']:.1%} of the run's {s['wall_s']:.1f} s; command {total:.1f} s")
+            for stage, sec in s["startup_stages_s"].items():
+                print(f"[round {i}] [{label}]   {stage}: {sec:.2f} s")
+    for label, v in own.items():
+        print(f"[summary] {label}: aae-dist's own share of the start-up, median of {len(v)}: {statistics.median(v):.2f} s ({', '.join(f'{x:.2f}' for x in v)})")
 
 
 if __name__ == "__main__":
