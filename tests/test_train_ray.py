@@ -37,7 +37,7 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     assert all(v >= 0 for v in stages.values()) and abs(sum(stages.values()) - s["startup_s"]) < 0.05
     assert 0 < s["eval_s"] < s["wall_s"]
     # Ray runs store checkpoints like in-process runs: checkpoint_step_N in the run folder, complete
-    ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
+    ckpts = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_step_"))
     assert ckpts == ["checkpoint_step_000000005", "checkpoint_step_000000010"]
     assert all((run / c / "state.pt").exists() and (run / c / "meta.json").exists() for c in ckpts)
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
