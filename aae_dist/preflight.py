@@ -37,7 +37,10 @@ def check_models(cfg: Config, m) -> None:
     device (shapes and options checked, no weights drawn)."""
     from .models.priors import build_prior
 
-    build_prior(cfg.prior, cfg.model.latent_dim)
+    prior = build_prior(cfg.prior, cfg.model.latent_dim)
+    if variant(cfg.model.variant).label_tag and not prior.takes_labels:
+        raise UserError(f"model.variant={cfg.model.variant} conditions the prior on each label, but prior.kind={cfg.prior.kind} ignores labels "
+                        "(the codes would not be regularised by label): use prior.kind=mixture or swiss_roll")
     check_device(cfg)
     check_networks(cfg, m)
 

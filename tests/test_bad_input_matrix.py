@@ -87,6 +87,8 @@ CASES = {
                                                    "phases.reconstruction.consistency needs a variant with a categorical y"),
     "adversarial consistency without a categorical y": (lambda w: T(w, "phases.reconstruction.vat=1"),
                                                          "phases.reconstruction.vat needs a variant with a categorical y"),
+    "prior that ignores labels with the label-regularised variant": (
+        lambda w: T(w, "model.variant=label_regularized", "prior.kind=gaussian"), "prior.kind=gaussian ignores labels"),
     "prior incompatible with variant": (lambda w: T(w, "model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture",
                                                     "prior.components=4"), "prior.components=4 must equal the 10 classes"),
     # batch 1: the same run with 1 worker is valid (test_tiny_dataset_trains_with_one_worker); only the worker count is wrong

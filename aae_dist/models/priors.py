@@ -35,6 +35,7 @@ def prior(kind: str, params: tuple[str, ...] = ()):
 class Prior:
     kind = ""
     two_d_only = False
+    takes_labels = False  # a label picks a component: what the label-regularised variant needs
     defaults: dict = {}  # parameter values used where prior.options leaves them out (priors of your own)
 
     def __init__(self, cfg, dim: int):
@@ -106,6 +107,7 @@ class Mixture2D(Prior):
     """The paper's layout: K Gaussians on a circle, each stretched along its radius."""
 
     two_d_only = True
+    takes_labels = True
 
     def sample(self, n, generator, device, labels=None):
         K = self.cfg.components
@@ -122,6 +124,7 @@ class SwissRoll(Prior):
     """Points on a 2-D spiral; a label picks one of K equal segments of it."""
 
     two_d_only = True
+    takes_labels = True
 
     def sample(self, n, generator, device, labels=None):
         K = self.cfg.components
