@@ -9,6 +9,7 @@ import threading
 from .errors import UserError
 
 _early: "EarlyRay | None" = None  # a local Ray being started in the background (start_early)
+_joined: dict = {"address": None}  # the --address this process's Ray session was joined with (None: our own local one)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -55,14 +56,18 @@ def _init(address: str | None, verbose: bool) -> None:
     import ray
 
     if ray.is_initialized():
-        return
-    if address:
+        if not address or address == _joined["address"]:
+            return
+        check_reachable(address)  # refuse a dead address before leaving the cluster this process is on
+        ray.shutdown()  # another --address than the one joined: never train on the wrong cluster
+    elif address:
         check_reachable(address)
     if not verbose:
         for name in ("ray", "ray.train", "ray.data", "ray.tune"):
             logging.getLogger(name).setLevel(logging.ERROR)
     kw = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
     ray.init(address=address or "local", log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR, **kw)
+    _joined["address"] = address
 
 
 class EarlyRay:

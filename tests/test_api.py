@@ -128,3 +128,24 @@ def test_train_with_ray_workers(api_run, tmp_path):
     assert result.summary["world_size"] == 1 and result.summary["steps"] == 4
     assert result.checkpoint.endswith("checkpoint_step_000000004")
     assert aae_dist.load(result.checkpoint).reconstruct(x_test[:2]).shape == (2, 1, 4, 4)
+
+
+@pytest.mark.ray
+def test_another_address_is_never_the_cluster_already_joined(api_run, tmp_path, capsys):
+    """A notebook that trained on a local Ray and then asks for --address X must reach X or be refused,
+    not train on the local Ray it is still joined to."""
+    import ray
+
+    from aae_dist.cli import main
+    from aae_dist.ray_connect import connect_ray
+
+    _, data, _, _ = api_run
+    connect_ray(None)
+    assert ray.is_initialized()
+    capsys.readouterr()
+    argv = ["train", "--workers", "2", "--address", "127.0.0.1:1", "--storage", str(tmp_path / "runs"), "--name", "elsewhere",
+            "--set", f"data.path={data}", "--set", "train.max_steps=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aae-dist: error:") and "cannot reach the Ray cluster at 127.0.0.1:1" in err, err
+    assert not (tmp_path / "runs" / "elsewhere").exists()
