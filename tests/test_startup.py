@@ -16,6 +16,20 @@ def ray_start_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "aae-dist-ray-start"]
 
 
+@pytest.fixture(autouse=True)
+def no_ray_in_this_process():
+    """Earlier tests (the Python API's Ray run) may leave this process joined to a Ray: these tests start from none."""
+    import ray
+
+    from aae_dist import ray_connect
+
+    ray.shutdown()
+    for t in ray_start_threads():
+        t.join(timeout=60)
+    ray_connect._early, ray_connect._joined["address"] = None, None
+    yield
+
+
 def refused(capsys, argv, needle: str) -> None:
     capsys.readouterr()
     code = main(argv)

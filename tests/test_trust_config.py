@@ -45,8 +45,9 @@ def leaf_keys(kind: str) -> list[str]:
 def test_every_float_key_refuses_non_finite(value):
     keys = leaf_keys("float")
     assert "phases.reconstruction.lr" in keys and "model.init_std" in keys and "run.resources_per_worker" in keys
+    types = {r[0]: r[1] for r in describe()}
     for key in keys:
-        item = f"{key}={{slot: {value}}}" if key == "run.resources_per_worker" else f"{key}={value}"
+        item = f"{key}={{slot: {value}}}" if types[key].startswith("dict") else f"{key}={value}"
         with pytest.raises(UserError, match=re.escape(f"'{key}")) as info:
             load_config(None, [item])
         assert "finite" in str(info.value), (key, str(info.value))
