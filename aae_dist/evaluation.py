@@ -118,7 +118,8 @@ class Evaluator:
             # log q(y|x) in float64: softmax saturates at 1.0 for sharp codes, which would tie the most confident samples
             best = [torch.log_softmax(h.double(), 1).max(1) for h in self.aae.encode(self.to_device(x), self.generator).heads]
             parts.append((torch.stack([b[1] for b in best]).cpu().numpy(), torch.stack([b[0] for b in best]).cpu().numpy(), y.numpy()))
-        mine = tuple(np.concatenate([p[i] for p in parts], -1) if parts else np.empty((self.num_heads, 0)[i == 2 :]) for i in range(3))
+        empty = (np.empty((self.num_heads, 0), np.int64), np.empty((self.num_heads, 0)), np.empty(0, np.int64))  # a rank with no share
+        mine = tuple(np.concatenate([p[i] for p in parts], -1) if parts else empty[i] for i in range(3))
         everyone = all_gather(mine)
         return tuple(np.concatenate([e[i] for e in everyone], -1) for i in range(3))
 
@@ -281,7 +282,7 @@ def plain_autoencoder_config(cfg: Config, k: int) -> Config:
     """The run's networks as a plain autoencoder: its z as wide as the run's y and z together, the same
     input noise and dropout, reconstruction only (no adversary, no y terms)."""
     c = Config.model_validate(cfg.to_dict())
-    c.model.variant, c.model.latent_dim, c.model.num_classes = "basic", cfg.model.latent_dim + k, None
+    c.model.variant, c.model.latent_dim, c.model.num_classes, c.model.cluster_heads = "basic", cfg.model.latent_dim + k, None, 1
     return c
 
 

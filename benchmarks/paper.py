@@ -147,6 +147,9 @@ def main() -> None:
                           f"k-means on plain-autoencoder codes {show(metric, b.get('autoencoder_kmeans_cluster_error'))} / majority "
                           f"{show(metric, b.get('autoencoder_kmeans_cluster_error_majority'))}; UMAP+GMM on them (majority) "
                           f"{show(metric, n2d) if n2d is not None else 'umap-learn not installed'}")
+            heads = s["metrics"].get(f"{metric}_heads")
+            if heads:  # model.cluster_heads: which head was chosen (without labels) and what every head scored
+                extra += f"; head {s['metrics']['cluster_head']} of {len(heads)} chosen, heads {' / '.join(show(metric, h) for h in heads)}"
             if s["metrics"].get(metric) is not None:
                 values.append(s["metrics"][metric])
             rows.append((name, metric, show(metric, s["metrics"].get(metric)), show(metric, base), paper, s["epochs"], minutes, extra))

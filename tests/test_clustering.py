@@ -12,6 +12,7 @@ import torch
 from aae_dist.config import load_config
 from multiprocess import run_processes
 from conftest import SMALL_MODEL, read_summary
+from test_bad_input_matrix import T, tree_digest, world  # noqa: F401 - world is a fixture
 
 K = 4
 
@@ -184,3 +185,72 @@ def test_autoencoder_kmeans_baseline_in_summary_and_eval(tmp_path, make_dataset)
     again = evaluate(str(run), None, "test")["baselines"]
     assert again["autoencoder_kmeans_cluster_error"] == base["autoencoder_kmeans_cluster_error"]
     assert again["autoencoder_kmeans_cluster_error_majority"] == base["autoencoder_kmeans_cluster_error_majority"]
+
+
+# ---- several y heads on one encoder trunk (model.cluster_heads) ------------------------------------
+
+HEADS = ["model.variant=clustering", f"model.num_classes={K}", "train.parzen_samples=0", "model.cluster_heads=3",
+         "phases.reconstruction.info=0.1"]
+
+
+def _relabelled(tmp_path, url: str) -> str:
+    """The same images with their labels destroyed (redrawn at random)."""
+    from aae_dist.data import ShardStream, read_manifest
+    from aae_dist.data.writer import write_dataset
+
+    manifest, splits, rng = read_manifest(url), {}, np.random.default_rng(7)
+    for split in ("train", "test"):
+        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in ShardStream(url, split, 100, shuffle=False, manifest=manifest).iter_epoch(0)))
+        splits[split] = (np.concatenate(xs), rng.integers(0, 10, sum(map(len, ys))))
+    out = str(tmp_path / "relabelled")
+    write_dataset(out, splits, num_classes=10, source="test", shard_size=128, progress=False)
+    return out
+
+
+def test_head_selection_never_reads_labels(tmp_path, make_dataset):
+    """Three heads: every head's error is reported, the reported one is the chosen head's, and scoring the same
+    run on the same images with every label changed changes the errors but not the chosen head."""
+    from aae_dist.inference import evaluate
+    from aae_dist.training.trainer import train_in_process
+
+    data, _, _ = make_dataset(400, 100)
+    cfg = load_config(None, SMALL_MODEL + HEADS + [f"data.path={data}", "train.max_steps=12", "train.autoencoder_baseline=true"])
+    summary = train_in_process(cfg, str(tmp_path / "run"))
+    metrics = summary["metrics"]
+    assert 0.0 <= summary["baselines"]["autoencoder_kmeans_cluster_error"] <= 1.0  # the plain autoencoder has no y heads
+    head = metrics["cluster_head"]
+    assert len(metrics["cluster_error_heads"]) == 3 and len(metrics["cluster_head_objectives"]) == 3
+    assert head == int(np.argmin(metrics["cluster_head_objectives"]))
+    assert metrics["cluster_error"] == metrics["cluster_error_heads"][head]
+    assert metrics["cluster_error_majority"] == metrics["cluster_error_majority_heads"][head]
+    same = evaluate(str(tmp_path / "run"), None, "test")
+    other = evaluate(str(tmp_path / "run"), _relabelled(tmp_path, data), "test")
+    assert same["cluster_head_objectives"] == other["cluster_head_objectives"] and other["cluster_head"] == head
+    assert same["cluster_error_heads"] != other["cluster_error_heads"]  # the labels did change what is scored
+
+
+def test_cluster_heads_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
+    data, _, _ = make_dataset(400, 100)
+    base = SMALL_MODEL + HEADS + ["model.batch_norm=true", "phases.reconstruction.vat=1.0", f"data.path={data}",
+                                  "train.checkpoint_every=5"]
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
+    whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
+    assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    assert split["metrics"]["cluster_head"] == whole["metrics"]["cluster_head"]
+    assert split["metrics"]["cluster_error_heads"] == whole["metrics"]["cluster_error_heads"]
+
+
+def test_cluster_heads_without_a_categorical_y_is_one_line(world, capsys):
+    """model.cluster_heads on a variant without y: one line naming the key and the fix, nothing touched."""
+    from aae_dist.cli import main
+
+    before = tree_digest(world)
+    capsys.readouterr()
+    assert main(T(world, "model.cluster_heads=3", "train.max_steps=2", name="heads")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err, err
+    assert "model.cluster_heads=3" in err and "model.cluster_heads=1" in err
+    assert {k: v for k, v in tree_digest(world).items() if k in before} == before

@@ -22,6 +22,12 @@ class Codes:
     mu: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
     y_logits: torch.Tensor | None = None  # categorical head (semi-supervised, clustering, dim. reduction)
+    extra_heads: tuple[torch.Tensor, ...] = ()  # model.cluster_heads > 1: the other heads' y logits
+
+    @property
+    def heads(self) -> tuple[torch.Tensor, ...]:
+        """Every y head's logits, the first (the one the decoder reads) first."""
+        return () if self.y_logits is None else (self.y_logits, *self.extra_heads)
 
     @property
     def y(self) -> torch.Tensor | None:
@@ -64,7 +70,10 @@ class Encoder(nn.Module):
         self.num_y = num_classes if variant(cfg.variant).categorical else 0
         self.latent_dim = cfg.latent_dim
         self.noise_dim = cfg.noise_dim if cfg.posterior == "universal" else 0
-        width = self.num_y + cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
+        self.code_width = cfg.latent_dim * (2 if cfg.posterior == "gaussian" else 1)
+        self.num_heads = cfg.cluster_heads if self.num_y else 1
+        # the extra heads' logits come last, so one head keeps today's layout (and checkpoints)
+        width = self.num_y + self.code_width + (self.num_heads - 1) * self.num_y
         self.input_noise, self.input_dropout = cfg.input_noise, cfg.input_dropout
         self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
         if cfg.encoder.class_path:  # the user's network maps x straight to the head's outputs
@@ -97,12 +106,20 @@ class Encoder(nn.Module):
         if self.noise_dim:
             h = torch.cat([h, torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype, generator=generator)], 1)
         out = self.head_norm(self.head(self.body(h)))
-        y_logits, out = (out[:, : self.num_y], out[:, self.num_y :]) if self.num_y else (None, out)
+        y_logits, extra, out = self.split(out)
         if self.posterior != "gaussian":
-            return Codes(z=out, y_logits=y_logits)
+            return Codes(z=out, y_logits=y_logits, extra_heads=extra)
         mu, logvar = out.chunk(2, dim=1)
         eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        return Codes(z=mu + torch.exp(0.5 * logvar) * eps, mu=mu, logvar=logvar, y_logits=y_logits)
+        return Codes(z=mu + torch.exp(0.5 * logvar) * eps, mu=mu, logvar=logvar, y_logits=y_logits, extra_heads=extra)
+
+    def split(self, out: torch.Tensor):
+        """The head's output as (first y logits, the other heads' y logits, z part)."""
+        if not self.num_y:
+            return None, (), out
+        k, end = self.num_y, self.num_y + self.code_width
+        extra = tuple(out[:, end + i * k : end + (i + 1) * k] for i in range(self.num_heads - 1))
+        return out[:, :k], extra, out[:, k:end]
 
 
 class Decoder(nn.Module):
@@ -172,6 +189,9 @@ def build_networks(cfg: ModelConfig, shape: tuple[int, ...], num_classes: int = 
         if shape[1] % f or shape[2] % f:
             raise UserError(f"model.kind=conv with {len(cfg.conv_channels)} layers needs H and W divisible by {f}, data is {shape[1]}x{shape[2]}: change model.conv_channels")
     row = variant(cfg.variant)
+    if cfg.cluster_heads > 1 and not row.categorical:
+        raise UserError(f"model.cluster_heads={cfg.cluster_heads} needs a categorical y (model.variant=clustering, semi_supervised or "
+                        f"dim_reduction), model.variant={cfg.variant} has none: set model.cluster_heads=1")
     if row.needs_classes and num_classes < 2:
         raise UserError(f"model.variant={cfg.variant} needs classes: set model.num_classes or use a labelled dataset")
     nets = {

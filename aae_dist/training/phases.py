@@ -121,6 +121,24 @@ def _kl_y(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
 
 
+def _per_head(values) -> torch.Tensor:
+    """The sum over y heads (model.cluster_heads), added in head order: one head is its own value exactly."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def _kl_heads(targets, codes) -> torch.Tensor:
+    """Each head's y of x learns its own target y (a tensor: the one head), summed over heads."""
+    targets = (targets,) if torch.is_tensor(targets) else targets
+    return _per_head([_kl_y(t, logits) for t, logits in zip(targets, codes.heads)])
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), 1).to(logits.dtype)
+
+
 @contextlib.contextmanager
 def batch_stats_frozen(modules):
     """Batch norm normalises with the batch's own statistics but leaves its running averages alone
@@ -159,13 +177,13 @@ def entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def adversarial_perturbation(ctx: StepContext, x: torch.Tensor, target: torch.Tensor, eps) -> torch.Tensor:
     """VAT's one power iteration, probed at the scale it is used (a tiny probe underflows in float32): the
-    perturbation of norm eps that moves y(x) most, found on the plain encoder with its
+    perturbation of norm eps that moves y(x) most (every head's y together), found on the plain encoder with its
     parameters frozen (no gradient reaches them, and DDP sees no extra backward).  eps: a number, or
-    one radius per sample shaped (N, 1, ...)."""
+    one radius per sample shaped (N, 1, ...); target: y(x), or one per head."""
     d = eps * _per_sample_unit(torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=ctx.generator))
     d.requires_grad_(True)
     with torch.enable_grad(), frozen(ctx.plain["encoder"]) as enc:
-        (grad,) = torch.autograd.grad(_kl_y(target, enc(x + d, generator=ctx.generator).y_logits), d)
+        (grad,) = torch.autograd.grad(_kl_heads(target, enc(x + d, generator=ctx.generator)), d)
     return eps * _per_sample_unit(grad.detach())
 
 
@@ -177,13 +195,14 @@ def _codes(b: Batch):
 
 
 def _target(b: Batch, s: Settings):
-    """The consistency and vat terms' target y(x): the reconstruction's own noisy reading, or a clean one."""
+    """The consistency and vat terms' target y(x), one per head: the reconstruction's own noisy reading, or a clean one."""
     def make():
         ctx = b.ctx
         if s.phase.consistency_target == "clean":
             with torch.no_grad():
-                return torch.softmax(ctx.plain["encoder"](b.x, generator=ctx.generator, corrupt=False).y_logits.float(), 1)
-        return torch.softmax(_codes(b).y_logits.detach().float(), 1)
+                heads = ctx.plain["encoder"](b.x, generator=ctx.generator, corrupt=False).heads
+                return tuple(torch.softmax(h.float(), 1) for h in heads)
+        return tuple(torch.softmax(h.detach().float(), 1) for h in _codes(b).heads)
 
     return b.once("target", make)
 
@@ -202,7 +221,7 @@ def consistency(ctx: StepContext, b: Batch, s: Settings):
     target, c = _target(b, s), s.phase
     moved = ctx.wrapped["encoder"](translated(b.x, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale),
                                    generator=ctx.generator)
-    kl_y = _kl_y(target, moved.y_logits)
+    kl_y = _kl_heads(target, moved)
     return kl_y, {"consistency": kl_y.detach()}
 
 
@@ -215,9 +234,11 @@ def vat(ctx: StepContext, b: Batch, s: Settings):
 
 @term("reconstruction", weight="info", stats=("entropy_y", "entropy_mean_y"))
 def info(ctx: StepContext, b: Batch, s: Settings):
-    """IMSAT's information term on y: H(y|x) - info_mu x H(mean y)."""
-    cond, marg = entropy_terms(_codes(b).y_logits)
-    return cond - s.phase.info_mu * marg, {"entropy_y": cond.detach(), "entropy_mean_y": marg.detach()}
+    """IMSAT's information term on y: H(y|x) - info_mu x H(mean y), summed over heads (stats: their mean)."""
+    pairs = [entropy_terms(h) for h in _codes(b).heads]
+    value = _per_head([cond - s.phase.info_mu * marg for cond, marg in pairs])
+    cond, marg = (_per_head([p[i].detach() for p in pairs]) / len(pairs) for i in (0, 1))
+    return value, {"entropy_y": cond, "entropy_mean_y": marg}
 
 
 @term("reconstruction", stats=("kl",), when=lambda s: "kl" in s.regularizer.terms)
@@ -241,11 +262,11 @@ def _vat_term(ctx: StepContext, x, target, vat_eps: float, vat_alpha: float) -> 
     """KL(y(x) || y(x + r)): with vat_alpha, r's norm is per sample and batch norm keeps its statistics."""
     if not vat_alpha:
         r = adversarial_perturbation(ctx, x, target, vat_eps)
-        return _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
+        return _kl_heads(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator))
     eps = (vat_alpha * ctx.radius(x)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     with batch_stats_frozen([ctx.plain["encoder"]]):
         r = adversarial_perturbation(ctx, x, target, eps)
-        return _kl_y(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator).y_logits)
+        return _kl_heads(target, ctx.wrapped["encoder"](x + r, generator=ctx.generator))
 
 
 def _prior_labels(ctx: StepContext, y: torch.Tensor) -> torch.Tensor:
@@ -275,12 +296,13 @@ def discriminator(ctx: StepContext, b: Batch, s: Settings):
 
 @term("discriminator_cat", stats=DISCRIMINATOR_STATS)
 def discriminator_cat(ctx: StepContext, b: Batch, s: Settings):
-    """D on the categorical y: one-hot draws against the encoder's softmax."""
+    """D on the categorical y: one-hot draws against the encoder's softmax (every head's, one D for all)."""
     x = b.x
     with torch.no_grad():
-        fake = ctx.plain["encoder"](x, generator=ctx.generator).y
+        heads = ctx.plain["encoder"](x, generator=ctx.generator).heads
+    fake = _softmax(heads[0]) if len(heads) == 1 else torch.cat([_softmax(h) for h in heads])
     k = ctx.aae.num_classes
-    real = F.one_hot(torch.randint(0, k, (len(x),), device=x.device, generator=ctx.generator), k).float()
+    real = F.one_hot(torch.randint(0, k, (len(fake),), device=x.device, generator=ctx.generator), k).float()
     return _discriminate(ctx, "discriminator_cat", real, fake, s.phase.input_noise)
 
 
@@ -303,18 +325,20 @@ def generator(ctx: StepContext, b: Batch, s: Settings):
         loss = _bce(disc(z), 1.0)
     if s.row.categorical:
         with frozen(ctx.plain["discriminator_cat"]) as disc_cat:
-            loss = loss + _bce(disc_cat(_noisy(ctx, codes.y, s.phases.discriminator_cat.input_noise)), 1.0)
+            for head in codes.heads:  # each head fools the categorical D on its own
+                loss = loss + _bce(disc_cat(_noisy(ctx, _softmax(head), s.phases.discriminator_cat.input_noise)), 1.0)
     return loss, {"loss": loss.detach()}
 
 
 @term("classification", stats=("loss", "accuracy"))
 def classification(ctx: StepContext, b: Batch, s: Settings):
-    """The supervised phase: the encoder's y learns the labels of a labelled minibatch."""
+    """The supervised phase: the encoder's y (every head's, summed) learns the labels of a labelled minibatch."""
     xl, yl = ctx.labelled() if ctx.labelled is not None else (b.x, b.y)
-    logits = ctx.wrapped["encoder"](xl, generator=ctx.generator).y_logits
+    heads = ctx.wrapped["encoder"](xl, generator=ctx.generator).heads
     known = yl >= 0
-    loss = F.cross_entropy(logits.float(), yl.clamp_min(0), reduction="none")
-    loss = (loss * known).sum() / known.sum().clamp_min(1)
+    loss = _per_head([(F.cross_entropy(h.float(), yl.clamp_min(0), reduction="none") * known).sum() / known.sum().clamp_min(1)
+                      for h in heads])
+    logits = heads[0]
     acc = ((logits.argmax(1) == yl) & known).float().sum() / known.sum().clamp_min(1)
     return loss, {"loss": loss.detach(), "accuracy": acc.detach()}
 
