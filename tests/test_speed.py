@@ -130,6 +130,7 @@ def test_the_cpu_probe_reads_the_flags(monkeypatch, tmp_path):
         assert precision.cpu_has_native_bf16() is expected, flags
 
 
+@pytest.mark.slow  # torch.compile's first build costs ~30 s of CPU; the compile path is unchanged by this project
 def test_compiled_forwards_train_like_eager(tmp_path, make_dataset):
     """train.compile on the CPU (the path GPUs take too, there with CUDA graphs worth having): the same
     training as eager to float32 tolerance, the weights' names unchanged (checkpoints stay plain)."""
