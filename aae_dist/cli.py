@@ -110,7 +110,8 @@ def cmd_sample(args) -> int:
 def cmd_encode(args) -> int:
     from .inference import encode
 
-    n = encode(args.ref, args.data, args.out, splits=args.split, workers=args.workers, address=args.address)
+    keep = [c.strip() for c in (args.keep or "").split(",") if c.strip()]
+    n = encode(args.ref, args.data, args.out, splits=args.split, workers=args.workers, address=args.address, keep=keep)
     print(f"encoded {n} samples to {storage_redact(args.out)}")
     return 0
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--split", action="append", help="splits to encode (default all)")
     en.add_argument("--workers", type=int, default=0, help="Ray tasks at once (0: in this process)")
     en.add_argument("--address", help="Ray cluster address")
+    en.add_argument("--keep", metavar="COL,...", help="tables: write these key columns (kept by shard --keep) beside each code")
     en.set_defaults(func=cmd_encode)
 
     g = sub.add_parser("generate", help="N generated samples as a sharded dataset")

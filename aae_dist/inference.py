@@ -150,7 +150,7 @@ def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolat
 # ---- encode ------------------------------------------------------------------------------------
 
 def _encode_shard(job: tuple) -> int:
-    ref, data, split, shard_index, out = job
+    ref, data, split, shard_index, out, keep = job
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -175,13 +175,23 @@ def _encode_shard(job: tuple) -> int:
         with torch.no_grad():
             r = representation(model, c).numpy().astype(np.float32)
         cols["representation"] = pa.FixedSizeListArray.from_arrays(pa.array(r.reshape(-1)), r.shape[1])
+    if keep:  # the rows' kept key columns (shard --keep), in the shard's row order
+        from .data.tables import read_keys
+
+        keys = read_keys(data, shard, list(keep))
+        cols.update({name: keys.column(name) for name in keep})
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
     storage.write_bytes_atomic(storage.join(out, f"{split}-{shard_index:05d}.parquet"), buf.getvalue())
     return len(z)
 
 
-def encode(ref: str, data: str, out: str, splits: list[str] | None = None, workers: int = 0, address: str | None = None) -> int:
+ENCODE_COLUMNS = ("split", "shard", "index", "label", "z", "y_pred", "representation")
+
+
+def encode(ref: str, data: str, out: str, splits: list[str] | None = None, workers: int = 0, address: str | None = None,
+           keep: list[str] | None = None) -> int:
+    """Codes per sample as `<split>-NNNNN.parquet`; `keep`: a table's key columns kept at shard time, beside each code."""
     from .data.format import read_manifest
     from .parallel import map_tasks
 
@@ -192,14 +202,31 @@ def encode(ref: str, data: str, out: str, splits: list[str] | None = None, worke
     names = splits or list(manifest.splits)
     for s in names:  # every split checked before any is encoded
         manifest.split(s, data)
-    return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out), workers, address))
+    keep = check_keep(manifest, data, names, keep or [])
+    return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out, keep), workers, address))
 
 
-def encode_jobs(ref: str, data: str, manifest, splits: list[str] | None, out: str):
+def check_keep(manifest, data: str, splits: list[str], keep: list[str]) -> tuple[str, ...]:
+    """--keep COL names a column the dataset kept at shard time, and every shard to encode has its key file."""
+    kept = (manifest.table or {}).get("keep", [])
+    for col in keep:
+        if col in ENCODE_COLUMNS:
+            raise UserError(f"--keep {col}: encode writes its own column '{col}'; rename that column in the source and re-shard")
+        if col not in kept:
+            raise UserError(f"--keep {col}: dataset {storage.redact(data)} was sharded without keeping column '{col}' "
+                            f"(kept: {', '.join(kept) or 'none'}): re-shard with --keep {col}")
+    if keep:
+        bare = next((s.name for sp in splits for s in manifest.splits[sp].shards if s.keys is None), None)
+        if bare is not None:
+            raise UserError(f"--keep: shard {bare} of dataset {storage.redact(data)} has no key file: re-shard with --keep {','.join(keep)}")
+    return tuple(dict.fromkeys(keep))
+
+
+def encode_jobs(ref: str, data: str, manifest, splits: list[str] | None, out: str, keep: tuple[str, ...] = ()):
     """One job per shard, made as the workers take them: a dataset of millions of shards is never a list."""
     for s in splits or list(manifest.splits):
         for i in range(len(manifest.splits[s].shards)):
-            yield (ref, data, s, i, out)
+            yield (ref, data, s, i, out, keep)
 
 
 # ---- generate ----------------------------------------------------------------------------------

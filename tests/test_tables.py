@@ -281,3 +281,112 @@ def test_run_summary_and_tensorboard_hold_the_row_report_and_column_figures(trai
 
     with Image.open(tmp_path / "figs" / "columns.png") as im:  # 14 columns: 4 x 4 panels, real beside synthetic
         assert im.width > 600 and im.height > 600
+
+
+# ---- encode a table, with its key column (shard --keep / encode --keep) -----------------------------
+
+@pytest.fixture(scope="module")
+def kept(tables):
+    """The wine table with a customer id: kept raw beside each shard at shard time, never a feature."""
+    root, t = tables
+    ids = pa.array([f"cust-{i:04d}" for i in range(t.num_rows)])
+    pq.write_table(t.append_column("customer_id", ids), root / "wine-ids.parquet")
+    assert shard(f"parquet:{root / 'wine-ids.parquet'}", root / "kept", "--target", "cultivar", "--keep", "customer_id",
+                 "--shard-size", "60") == 0
+    return root / "kept", t, ids
+
+
+def test_shard_keep_stores_the_key_beside_each_shard_not_as_a_feature(kept, tables):
+    ds, t, _ = kept
+    doc = json.loads((ds / "manifest.json").read_text())
+    plain = json.loads((tables[0] / "ds" / "manifest.json").read_text())
+    assert doc["table"]["keep"] == ["customer_id"] and "customer_id" not in [c["name"] for c in doc["table"]["columns"]]
+    assert doc["shape"] == plain["shape"]  # the key adds nothing to the model's input
+    shards = [s for sp in doc["splits"].values() for s in sp["shards"]]
+    assert len(shards) >= 3
+    for s in shards:
+        assert s["keys"]["file"] == f"{s['name']}.keys.parquet" and len(s["keys"]["sha256"]) == 64
+        assert pq.read_table(ds / s["keys"]["file"]).num_rows == s["count"]
+    assert "keys" not in plain["splits"]["train"]["shards"][0]  # datasets without --keep are unchanged
+    assert main(["verify", str(ds)]) == 0
+
+
+def test_encode_a_table_with_its_key_column_in_row_order(kept, trained, tmp_path):
+    ds, t, ids = kept
+    out = tmp_path / "codes"
+    assert main(["encode", str(trained), "--data", str(ds), "--out", str(out), "--keep", "customer_id"]) == 0
+    doc = json.loads((ds / "manifest.json").read_text())
+    cultivar = dict(zip(ids.to_pylist(), t.column("cultivar").to_pylist()))
+    seen = []
+    for split, sp in doc["splits"].items():
+        for i, s in enumerate(sp["shards"]):
+            codes = pq.read_table(out / f"{split}-{i:05d}.parquet")
+            assert codes.num_rows == s["count"]
+            z = np.stack(codes.column("z").to_numpy(zero_copy_only=False))
+            assert np.isfinite(z).all() and z.std(0).min() > 0  # a code per row, not one code for all
+            keys = codes.column("customer_id").to_pylist()
+            assert keys == sorted(keys)  # the source's row order within a shard
+            names = doc["class_names"]
+            assert [cultivar[k] for k in keys] == [names[v] for v in codes.column("label").to_pylist()]  # each key beside its own row
+            seen += keys
+    assert sorted(seen) == ids.to_pylist()  # every row once
+    assert main(["encode", str(trained), "--data", str(tables_ds(kept)), "--out", str(tmp_path / "plain")]) == 0  # --keep is optional
+    assert "customer_id" not in pq.read_table(tmp_path / "plain" / "train-00000.parquet").column_names
+
+
+def tables_ds(kept):
+    return kept[0].parent / "ds"
+
+
+def test_encode_keep_of_a_column_not_kept_names_the_reshard(kept, trained, tmp_path, capsys):
+    ds, _, _ = kept
+    for data, col in ((tables_ds(kept), "customer_id"), (ds, "hue")):
+        capsys.readouterr()
+        assert main(["encode", str(trained), "--data", str(data), "--out", str(tmp_path / "o"), "--keep", col]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aae-dist: error:") and "\n" not in err and f"re-shard with --keep {col}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_shard_keep_bad_input_is_one_line(tables, tmp_path, capsys):
+    root, _ = tables
+    src = f"parquet:{root / 'wine.parquet'}"
+    for extra, needle in ((["--keep", "nope"], "column 'nope' (from --drop/--categorical/--keep/--target)"),
+                          (["--keep", "cultivar", "--target", "cultivar"], "given to --keep and to --target")):
+        capsys.readouterr()
+        assert main(["shard", src, str(tmp_path / "x"), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_key_files_are_untrusted_input(kept, trained, tmp_path, capsys):
+    """A manifest naming a key file outside the dataset is refused; a replaced key file fails its checksum."""
+    import shutil
+
+    ds = tmp_path / "copy"
+    shutil.copytree(kept[0], ds)
+    doc = json.loads((ds / "manifest.json").read_text())
+    good = json.dumps(doc)
+    doc["splits"]["train"]["shards"][0]["keys"]["file"] = "../../etc/passwd"
+    (ds / "manifest.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["encode", str(trained), "--data", str(ds), "--out", str(tmp_path / "o"), "--keep", "customer_id"]) == 2
+    assert "expected 'train-00000.keys.parquet'" in capsys.readouterr().err
+    (ds / "manifest.json").write_text(good)
+    pq.write_table(pa.table({"customer_id": ["x"] * 3}), ds / "train-00000.keys.parquet")
+    assert main(["encode", str(trained), "--data", str(ds), "--out", str(tmp_path / "o"), "--keep", "customer_id"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "fails its sha256 check" in err, err
+
+
+def test_shard_overwrite_replaces_key_files_with_the_rest(kept, tmp_path):
+    import shutil
+
+    ds = tmp_path / "copy"
+    shutil.copytree(kept[0], ds)
+    src = kept[0].parent / "wine-ids.parquet"
+    assert shard(f"parquet:{src}", ds, "--target", "cultivar", "--keep", "customer_id", "--shard-size", "200", "--overwrite") == 0
+    doc = json.loads((ds / "manifest.json").read_text())
+    listed = {f["file"] for sp in doc["splits"].values() for s in sp["shards"] for f in (s["x"], s["y"], s["keys"])}
+    assert set(os.listdir(ds)) == listed | {"manifest.json"}  # the old shards' key files went with them

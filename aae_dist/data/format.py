@@ -73,6 +73,12 @@ class Shard:
     count: int
     x: ArrayFile
     y: ArrayFile | None = None
+    keys: ArrayFile | None = None  # tables sharded with --keep: the rows' raw key columns, `<shard>.keys.parquet`
+
+    @property
+    def files(self) -> list[ArrayFile]:
+        """Every file of this shard that the manifest lists (what --overwrite may move or remove)."""
+        return [f for f in (self.x, self.y, self.keys) if f is not None]
 
 
 @dataclass
@@ -138,7 +144,8 @@ class Manifest:
             "splits": {
                 name: {
                     "count": sp.count,
-                    "shards": [{"name": s.name, "count": s.count, "x": arr(s.x), "y": arr(s.y)} for s in sp.shards],
+                    "shards": [{"name": s.name, "count": s.count, "x": arr(s.x), "y": arr(s.y), **({"keys": arr(s.keys)} if s.keys else {})}
+                               for s in sp.shards],
                 }
                 for name, sp in self.splits.items()
             },
@@ -254,7 +261,27 @@ def _shard(doc, split: str, item_bytes: int) -> Shard:
         raise ValueError(f"shard 'name' {str(name)[:80]!r} in split '{split}' is not the writer's '{split}-NNNNN'")
     count = _whole(doc["count"], f"'count' of shard {name}", 0)
     y = _array_file(doc["y"], name, "y", count, np.dtype(LABEL_DTYPE).itemsize) if doc.get("y") else None
-    return Shard(name=name, count=count, x=_array_file(doc["x"], name, "x", count, item_bytes), y=y)
+    keys = _keys_file(doc["keys"], name) if doc.get("keys") else None
+    return Shard(name=name, count=count, x=_array_file(doc["x"], name, "x", count, item_bytes), y=y, keys=keys)
+
+
+KEYS_SUFFIX = ".keys.parquet"
+
+
+def _keys_file(doc, shard: str) -> ArrayFile:
+    """A shard's key side file (tables, `shard --keep`): the writer's name, no header, checksums as hex."""
+    where = f"shard {shard} keys"
+    doc = _object(doc, f"'keys' of shard {shard}")
+    unknown = set(doc) - set(ArrayFile.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+    if doc.get("file") != f"{shard}{KEYS_SUFFIX}":
+        raise ValueError(f"{where} 'file' is {str(doc.get('file'))[:80]!r}: expected '{shard}{KEYS_SUFFIX}', a file inside the dataset folder")
+    f = ArrayFile(file=doc["file"], bytes=_whole(doc["bytes"], f"{where} 'bytes'", 1, MAX_FILE_BYTES), sha256=_hex(doc["sha256"], f"{where} 'sha256'", 64),
+                  header=_whole(doc.get("header", 0), f"{where} 'header'", 0, 0), block_bytes=_whole(doc.get("block_bytes", 0), f"{where} 'block_bytes'", 0),
+                  blocks=doc.get("blocks"), block_hash=doc.get("block_hash", "sha256"))
+    _check_blocks(f, where)
+    return f
 
 
 def _split(name, doc, item_bytes: int) -> Split:

@@ -33,6 +33,7 @@ CLIP = 0.99  # normalised scalars live in (-1, 1): the decoder's tanh reaches th
 class TableOptions:
     categorical: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()  # key columns (e.g. a customer id): stored raw beside each shard, never model input
     target: str | None = None
     max_categories: int = DEFAULT_MAX_CATEGORIES
     test_fraction: float = 0.1
@@ -168,10 +169,14 @@ def gather_stats(files: list[str], kind: str, opts: TableOptions) -> tuple[list[
 
 def _select(batch: pa.RecordBatch, opts: TableOptions) -> pa.RecordBatch:
     names = batch.schema.names
-    for col in (*opts.drop, *opts.categorical, *([opts.target] if opts.target else [])):
+    for col in (*opts.drop, *opts.categorical, *opts.keep, *([opts.target] if opts.target else [])):
         if col not in names:
-            raise UserError(f"column '{col}' (from --drop/--categorical/--target) is not in the table; its columns: {', '.join(names)[:300]}")
-    keep = [n for n in names if n not in opts.drop]
+            raise UserError(f"column '{col}' (from --drop/--categorical/--keep/--target) is not in the table; its columns: {', '.join(names)[:300]}")
+    for col in opts.keep:
+        if col == opts.target or col in opts.categorical:
+            raise UserError(f"column '{col}' is given to --keep and to --{'target' if col == opts.target else 'categorical'}: a kept key is "
+                            f"stored beside the rows, not modelled; pass it to one of them")
+    keep = [n for n in names if n not in opts.drop and n not in opts.keep]
     if not keep:
         raise UserError("--drop removes every column: keep at least one")
     if len(set(names)) != len(names):
@@ -283,6 +288,9 @@ def check_table_spec(doc, width: int) -> dict:
             raise ValueError(f"column {c['name']!r} of 'table' has no list of categories")
     if sum(column_width(c) for c in doc["columns"]) != width:
         raise ValueError(f"'table' columns encode to {sum(column_width(c) for c in doc['columns'])} values, the samples hold {width}")
+    keep = doc.get("keep", [])
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise ValueError("'table' keep is not a list of column names")
     target = doc.get("target")
     if target is not None and target not in [c["name"] for c in doc["columns"] if c["kind"] == "categorical"]:
         raise ValueError(f"'table' target {target!r} is not one of its categorical columns")
@@ -321,6 +329,28 @@ def encode_batch(columns: list[dict], batch: pa.RecordBatch, rng: np.random.Gene
     return np.concatenate([encode_column(c, batch.column(c["name"]), rng) for c in columns], 1)
 
 
+def read_keys(url: str, shard, columns: list[str]) -> pa.Table:
+    """A shard's kept key columns (`shard --keep`), checked against the manifest's size and sha256 before Parquet parses them."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from .format import sha256
+
+    where = storage.join(url, shard.keys.file)
+    data = storage.read_bytes(where)
+    if len(data) != shard.keys.bytes or sha256(data) != shard.keys.sha256:
+        raise UserError(f"key file {storage.redact(where)} is {len(data)} bytes and fails its sha256 check (manifest: {shard.keys.bytes} "
+                        "bytes): corrupt or replaced (re-shard the dataset)")
+    try:
+        keys = pq.read_table(io.BytesIO(data), columns=columns)
+    except Exception as exc:  # noqa: BLE001 - anything unparsable or a column it lacks
+        raise UserError(f"cannot read key file {storage.redact(where)}: {type(exc).__name__}: {str(exc)[:200]} (re-shard the dataset)") from None
+    if keys.num_rows != shard.count:
+        raise UserError(f"key file {storage.redact(where)} holds {keys.num_rows} rows, its shard {shard.count} (re-shard the dataset)")
+    return keys
+
+
 def labels_of(spec: dict, batch: pa.RecordBatch) -> np.ndarray:
     lookup = {v: i for i, v in enumerate(spec["categories"])}
     return np.array([lookup.get(v, -1) for v in batch.column(spec["name"]).to_pylist()], np.int64)
@@ -346,16 +376,19 @@ def shard_table(kind: str, url: str, dest: str, opts: TableOptions, *, shard_siz
     if target is not None and target["nullable"]:
         raise UserError(f"--target {opts.target} is null in {target['null_rate']:.1%} of the rows: fill or drop those rows, or pick another target")
     table = {"columns": columns, "target": opts.target, "rows": total, "source_columns": [st.name for st in stats]}
+    if opts.keep:
+        table["keep"] = list(opts.keep)
     replacing = Replacement(dest, overwrite)  # an existing dataset stays whole until the new one is written
     writer = _SplitWriter(replacing.folder, shard_size, labelled=target is not None)
     rng = np.random.default_rng(SPLIT_SEED)
     for _, batch in iter_batches(files, kind, opts.chunk_rows):
+        keys = pa.Table.from_batches([batch.select(list(opts.keep))]) if opts.keep else None
         batch = _select(batch, opts)
         x = encode_batch(columns, batch, rng)[:, None, :]
         y = labels_of(target, batch) if target is not None else None
         test = rng.random(len(x)) < opts.test_fraction
-        writer.add("train", x[~test], None if y is None else y[~test])
-        writer.add("test", x[test], None if y is None else y[test])
+        for split, rows in (("train", ~test), ("test", test)):
+            writer.add(split, x[rows], None if y is None else y[rows], None if keys is None else keys.filter(pa.array(rows)))
     splits = writer.finish()
     width = int(sum(column_width(c) for c in columns))
     manifest = Manifest(dtype="float32", shape=[1, width], labels=target is not None, num_classes=len(target["categories"]) if target else 0,
@@ -376,19 +409,27 @@ class _SplitWriter:
         self.buf: dict[str, list] = {}
         self.shards: dict[str, list] = {}
 
-    def add(self, split: str, x: np.ndarray, y: np.ndarray | None) -> None:
+    def add(self, split: str, x: np.ndarray, y: np.ndarray | None, keys: pa.Table | None = None) -> None:
         parts = self.buf.setdefault(split, [])
-        parts.append((x, y))
+        parts.append((x, y, keys))
         while sum(len(p[0]) for p in parts) >= self.size:
             self._flush(split, self.size)
+            parts = self.buf[split]
 
     def _flush(self, split: str, n: int) -> None:
+        from .writer import write_keys
+
         parts = self.buf[split]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts]) if self.labelled else None
+        keys = pa.concat_tables([p[2] for p in parts]).combine_chunks() if parts[0][2] is not None else None
         shards = self.shards.setdefault(split, [])
-        shards.append(self.write(self.dest, f"{split}-{len(shards):05d}", x[:n], None if y is None else y[:n]))
-        self.buf[split] = [(x[n:], None if y is None else y[n:])]
+        name = f"{split}-{len(shards):05d}"
+        shard = self.write(self.dest, name, x[:n], None if y is None else y[:n])
+        if keys is not None:
+            shard.keys = write_keys(self.dest, name, keys.slice(0, n))
+        shards.append(shard)
+        self.buf[split] = [(x[n:], None if y is None else y[n:], None if keys is None else keys.slice(n))]
 
     def finish(self) -> dict[str, list]:
         for split, parts in self.buf.items():

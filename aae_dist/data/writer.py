@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import UserError
-from .format import (BLOCK_BYTES, BLOCK_HASH, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, default_scaling,
+from .format import (BLOCK_BYTES, BLOCK_HASH, KEYS_SUFFIX, LABEL_DTYPE, MANIFEST, ArrayFile, Manifest, Shard, Split, block_digests, default_scaling,
                      encode_npy, read_manifest, sha256)
 from .sources import Opened, check_validation, from_arrays
 
@@ -71,7 +71,7 @@ class Replacement:
 
 def _move_up(staging: str, dest: str, manifest: Manifest) -> None:
     fs, _ = storage.filesystem(dest)
-    for file in (f.file for sp in manifest.splits.values() for s in sp.shards for f in (s.x, s.y) if f is not None):
+    for file in (f.file for sp in manifest.splits.values() for s in sp.shards for f in s.files):
         src, dst = storage.filesystem(storage.join(staging, file))[1], storage.filesystem(storage.join(dest, file))[1]
         storage.with_retries("moving", dest, lambda: fs.mv(src, dst))
     storage.remove(staging)
@@ -191,7 +191,7 @@ def prepare_destination(dest: str, overwrite: bool) -> None:
         raise UserError(f"a dataset already exists at {storage.redact(dest)}: pass --overwrite to replace it")
     try:
         old = read_manifest(dest)
-        listed = [f.file for sp in old.splits.values() for s in sp.shards for f in (s.x, s.y) if f is not None]
+        listed = [f.file for sp in old.splits.values() for s in sp.shards for f in s.files]
     except UserError:
         listed = []  # an unreadable manifest names nothing we may delete: its files are overwritten or left
     storage.remove(manifest_url, recursive=False)
@@ -205,8 +205,23 @@ def write_shard(dest: str, name: str, x: np.ndarray, y: np.ndarray | None, block
     return Shard(name=name, count=len(x), x=_write_array(dest, f"{name}.x.npy", x, block_bytes), y=y_file)
 
 
+def write_keys(dest: str, name: str, keys, block_bytes: int = BLOCK_BYTES) -> ArrayFile:
+    """A table shard's kept key columns (`shard --keep`) as plain Parquet beside it, checksummed like its arrays."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(keys, buf)
+    return _write_bytes(dest, f"{name}{KEYS_SUFFIX}", buf.getvalue(), 0, block_bytes)
+
+
 def _write_array(dest: str, file: str, arr: np.ndarray, block_bytes: int) -> ArrayFile:
     data, header = encode_npy(arr)
+    return _write_bytes(dest, file, data, header, block_bytes)
+
+
+def _write_bytes(dest: str, file: str, data: bytes, header: int, block_bytes: int) -> ArrayFile:
     storage.write_bytes_atomic(storage.join(dest, file), data)
     return ArrayFile(file=file, bytes=len(data), sha256=sha256(data), header=header, block_bytes=block_bytes,
                      blocks=block_digests(data, block_bytes), block_hash=BLOCK_HASH)
