@@ -25,11 +25,22 @@ def table_model(ref: str):
     return model
 
 
+def classes_are_target(model) -> bool:
+    """A run's classes are the target column's values where it trained on labels (supervised, semi_supervised,
+    label_regularized); clustering's are unlabelled segments, however many, and never fix the target column."""
+    return bool(model.num_classes and model.variant.needs_classes and model.variant.needs_labels and model.rows.table.get("target"))
+
+
 def label_index(model, label: str | None) -> int | None:
-    """--label VALUE: the index of a value of the target column (as the source wrote it)."""
+    """--label VALUE: the index of a value of the target column (as the source wrote it); clustering: a segment number."""
     if label is None:
         return None
     target = model.rows.table.get("target")
+    if model.num_classes and model.variant.needs_classes and not model.variant.needs_labels:
+        if not str(label).isdigit() or not 0 <= int(label) < model.num_classes:
+            raise UserError(f"--label {label!r}: a {model.cfg.variant} run's classes are its {model.num_classes} segments, not target values: "
+                            f"give a segment number 0 to {model.num_classes - 1}")
+        return int(label)
     if not target or not model.variant.needs_classes:
         raise UserError(f"--label needs a run trained with --target and a labelled variant (model.variant=supervised, semi_supervised "
                         f"or clustering); this run's variant is {model.cfg.variant}" + ("" if target else " and its table has no target"))
@@ -41,7 +52,8 @@ def label_index(model, label: str | None) -> int | None:
 
 
 def generate_rows(model, count: int, g: torch.Generator, label: int | None = None):
-    """`count` rows as a pyarrow table; labelled variants draw the class at its real rate (or fix it)."""
+    """`count` rows as a pyarrow table; labelled variants draw the class at its real rate (or fix it) and the target column
+    carries it; clustering draws segments from its uniform categorical prior (or fixes one) and the decoder gives the target."""
     labels = None
     if model.num_classes and model.variant.needs_classes:
         if label is not None:
@@ -51,10 +63,12 @@ def generate_rows(model, count: int, g: torch.Generator, label: int | None = Non
     with torch.no_grad(), model.evaluating():
         enc = model.sample(count, g, labels=labels).float().numpy()
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
-    return model.rows.decode_table(enc, rng, None if labels is None else labels.numpy())
+    return model.rows.decode_table(enc, rng, labels.numpy() if labels is not None and classes_are_target(model) else None)
 
 
 def class_rates(model) -> list[float]:
+    if not classes_are_target(model):
+        return [1.0 / model.num_classes] * model.num_classes
     target = model.rows.table.get("target")
     spec = next((h.spec for h in model.rows.heads if h.spec["name"] == target), None)
     if spec and len(spec.get("frequencies", [])) == model.num_classes:

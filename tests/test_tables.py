@@ -390,3 +390,35 @@ def test_shard_overwrite_replaces_key_files_with_the_rest(kept, tmp_path):
     doc = json.loads((ds / "manifest.json").read_text())
     listed = {f["file"] for sp in doc["splits"].values() for s in sp["shards"] for f in (s["x"], s["y"], s["keys"])}
     assert set(os.listdir(ds)) == listed | {"manifest.json"}  # the old shards' key files went with them
+
+
+# ---- the labelled variants on a table: few labels, segments ---------------------------------------
+
+def test_semi_supervised_with_few_labels_reports_its_error_and_generates_a_given_class(tables, tmp_path):
+    root, t = tables
+    assert main(train_argv(root, "semi", root / "ds", "model.variant=semi_supervised", "data.labeled_per_class=5", "train.max_steps=30")) == 0
+    m = read_summary(root / "runs" / "semi")["metrics"]
+    assert 0 <= m["classify_error"] <= 1 and 0 <= m["table/quality_score"] <= 1 and 0 <= m["table/train_on_synthetic_accuracy"] <= 1
+    for value in ("class_0", "class_2"):
+        out = tmp_path / value
+        assert main(["generate", str(root / "runs" / "semi"), "--n", "200", "--out", str(out), "--format", "parquet", "--label", value]) == 0
+        g = pq.read_table(out / "part-00000.parquet")
+        assert g.schema.equals(t.schema) and g.column("cultivar").to_pylist() == [value] * 200
+
+
+def test_clustering_on_a_table_reports_segments_and_never_writes_a_segment_as_the_target(tables, tmp_path, capsys):
+    """Six segments on a three-class target: the segments are not target values (before, segment 3 crashed the report)."""
+    root, t = tables
+    assert main(train_argv(root, "segments", root / "ds", "model.variant=clustering", "model.num_classes=6", "train.max_steps=30")) == 0
+    m = read_summary(root / "runs" / "segments")["metrics"]
+    assert 0 <= m["cluster_error"] <= 1 and 1 <= m["clusters_used"] <= 6 and 0 <= m["table/quality_score"] <= 1
+    run = str(root / "runs" / "segments")
+    assert main(["generate", run, "--n", "300", "--out", str(tmp_path / "all"), "--format", "parquet"]) == 0
+    g = pq.read_table(tmp_path / "all" / "part-00000.parquet")
+    assert g.schema.equals(t.schema) and set(g.column("cultivar").to_pylist()) <= {"class_0", "class_1", "class_2"}
+    assert main(["generate", run, "--n", "50", "--out", str(tmp_path / "seg5"), "--format", "csv", "--label", "5"]) == 0  # one segment
+    assert pcsv.read_csv(tmp_path / "seg5" / "part-00000.csv").num_rows == 50
+    capsys.readouterr()
+    assert main(["generate", run, "--n", "50", "--out", str(tmp_path / "bad"), "--format", "csv", "--label", "class_0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "segment number 0 to 5" in err, err
