@@ -210,12 +210,18 @@ class DiscriminatorPhaseConfig(PhaseConfig):
     skip_above_accuracy: Optional[float] = Field(None, gt=0, le=1, description="skip D while its global accuracy is above")
 
 
+class GeneratorPhaseConfig(PhaseConfig):
+    categorical: float = Field(1.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of fooling the categorical D "
+                                                       "(0: no categorical adversary, its phase is not run; y is then shaped by "
+                                                       "reconstruction.info / vat / consistency alone, as IMSAT)")
+
+
 class PhasesConfig(Section):
     reconstruction: ReconstructionPhaseConfig = Field(ReconstructionPhaseConfig(lr=1e-3, beta1=0.9),
                                                       description="encoder+decoder minimise the reconstruction error")
     discriminator: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D tells prior samples from codes")
     discriminator_cat: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D on the categorical y")
-    generator: PhaseConfig = Field(PhaseConfig(lr=2e-4), description="the encoder learns to fool D")
+    generator: GeneratorPhaseConfig = Field(GeneratorPhaseConfig(lr=2e-4), description="the encoder learns to fool D")
     classification: PhaseConfig = Field(PhaseConfig(lr=1e-3, beta1=0.9), description="semi-supervised: y on labelled samples")
 
 

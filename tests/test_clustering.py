@@ -254,3 +254,28 @@ def test_cluster_heads_without_a_categorical_y_is_one_line(world, capsys):
     assert err.startswith("aae-dist: error:") and "\n" not in err and "Traceback" not in err, err
     assert "model.cluster_heads=3" in err and "model.cluster_heads=1" in err
     assert {k: v for k, v in tree_digest(world).items() if k in before} == before
+
+
+# ---- IMSAT without the categorical adversary (phases.generator.categorical=0) ---------------------
+
+def test_categorical_adversary_off_runs_no_categorical_phase_and_leaves_its_d_untouched(tmp_path, make_dataset):
+    """phases.generator.categorical=0: y is shaped by the information term alone; the categorical D is never
+    trained (no optimizer for it, its weights do not move) while the encoder does train."""
+    from aae_dist.training.trainer import train_in_process
+
+    data, _, _ = make_dataset(400, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "model.variant=clustering", f"model.num_classes={K}", "train.max_steps=6",
+                          "train.parzen_samples=0", "train.checkpoint_every=3", "phases.reconstruction.info=0.1"]
+    states = {}
+    for name, extra in (("off", ["phases.generator.categorical=0"]), ("on", [])):
+        summary = train_in_process(load_config(None, base + extra), str(tmp_path / name))
+        assert 0.0 <= summary["metrics"]["cluster_error"] <= 1.0
+        states[name] = [torch.load(tmp_path / name / f"checkpoint_step_00000000{s}" / "state.pt", weights_only=True) for s in (3, 6)]
+    (off3, off6), (on3, on6) = states["off"], states["on"]
+    assert "discriminator_cat" not in off6["optimizers"] and "discriminator_cat" in on6["optimizers"]
+
+    def moved(a, b, net):
+        return any(not torch.equal(a["models"][net][k], b["models"][net][k]) for k in a["models"][net])
+
+    assert not moved(off3, off6, "discriminator_cat") and moved(off3, off6, "encoder")
+    assert moved(on3, on6, "discriminator_cat")  # the control: with the adversary on, the same check sees it train

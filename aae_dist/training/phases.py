@@ -323,10 +323,12 @@ def generator(ctx: StepContext, b: Batch, s: Settings):
         z = torch.cat([z, ctx.aae.one_hot(b.y, extra=1)], 1)
     with frozen(ctx.plain["discriminator"]) as disc:
         loss = _bce(disc(z), 1.0)
-    if s.row.categorical:
+    weight = s.phases.generator.categorical
+    if s.row.categorical and weight:
         with frozen(ctx.plain["discriminator_cat"]) as disc_cat:
             for head in codes.heads:  # each head fools the categorical D on its own
-                loss = loss + _bce(disc_cat(_noisy(ctx, _softmax(head), s.phases.discriminator_cat.input_noise)), 1.0)
+                fool = _bce(disc_cat(_noisy(ctx, _softmax(head), s.phases.discriminator_cat.input_noise)), 1.0)
+                loss = loss + (fool if weight == 1.0 else weight * fool)
     return loss, {"loss": loss.detach()}
 
 
@@ -354,9 +356,9 @@ PHASES: dict[str, tuple[tuple[str, ...], bool]] = {  # name -> (networks it trai
 }
 
 
-def phase_names(row, reg, labeled_per_class: int | None) -> list[str]:
-    """Reconstruction, the regularizer's phases (discriminator_cat where y is categorical), classification."""
-    names = ["reconstruction"] + [p for p in reg.phases if p != "discriminator_cat" or row.categorical]
+def phase_names(row, reg, labeled_per_class: int | None, categorical_adversary: bool = True) -> list[str]:
+    """Reconstruction, the regularizer's phases (discriminator_cat where y is categorical and its adversary is on), classification."""
+    names = ["reconstruction"] + [p for p in reg.phases if p != "discriminator_cat" or (row.categorical and categorical_adversary)]
     if reg.phases and row.has_classification_phase(labeled_per_class):  # the VAE baseline trains reconstruction only
         names.append("classification")
     return names
@@ -367,7 +369,7 @@ def build_phases(phases: PhasesConfig, model: ModelConfig, warmup_steps: int = 0
     """The phases of this (variant, regularizer), each with its active terms and the policies its settings ask for."""
     row, reg = variant(model.variant), regularizer(model.regularizer)
     out = []
-    for name in phase_names(row, reg, labeled_per_class):
+    for name in phase_names(row, reg, labeled_per_class, phases.generator.categorical > 0):
         section = getattr(phases, name)
         check_named_terms(name, section)
         settings = Settings(section, model, row, reg, phases)
