@@ -422,3 +422,16 @@ def test_clustering_on_a_table_reports_segments_and_never_writes_a_segment_as_th
     assert main(["generate", run, "--n", "50", "--out", str(tmp_path / "bad"), "--format", "csv", "--label", "class_0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "segment number 0 to 5" in err, err
+
+
+def test_parquet_is_read_row_group_by_row_group_in_chunks_and_in_order(tmp_path):
+    """shard's reader takes one row group at a time (iter_batches over a whole file held memory growing with the
+    file: benchmarks/bench_tables.py memory), in batches of at most the chunk, every row once, in the file's order."""
+    from aae_dist.data.tables import iter_batches
+
+    t = pa.table({"a": np.arange(100, dtype=np.float64), "b": [f"v{i % 7}" for i in range(100)]})
+    pq.write_table(t, tmp_path / "t.parquet", row_group_size=30)
+    assert pq.ParquetFile(tmp_path / "t.parquet").num_row_groups == 4
+    batches = [b for _, b in iter_batches([str(tmp_path / "t.parquet")], "parquet", 16)]
+    assert max(b.num_rows for b in batches) <= 16
+    assert pa.Table.from_batches(batches).equals(t)

@@ -88,7 +88,10 @@ def _parquet_batches(fh, url: str, chunk_rows: int, first):
     if first is not None and not pf.schema_arrow.equals(first[1]):
         raise UserError(f"parquet file {storage.redact(url)} has columns {_schema_text(pf.schema_arrow)}, the first file "
                         f"{storage.redact(first[0])} has {_schema_text(first[1])}: give files of one schema")
-    yield from pf.iter_batches(batch_size=chunk_rows)
+    # one row group at a time: iter_batches over the whole file kept memory growing with the file (a 1 GB table
+    # read in 65,536-row batches peaked at 1.2 GiB RSS, 0.5 GiB for 250 MB; per row group: 0.29 GiB for both)
+    for group in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=chunk_rows, row_groups=[group])
 
 
 def _csv_batches(fh, url: str, chunk_rows: int, first):
