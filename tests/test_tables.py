@@ -435,3 +435,17 @@ def test_parquet_is_read_row_group_by_row_group_in_chunks_and_in_order(tmp_path)
     batches = [b for _, b in iter_batches([str(tmp_path / "t.parquet")], "parquet", 16)]
     assert max(b.num_rows for b in batches) <= 16
     assert pa.Table.from_batches(batches).equals(t)
+
+
+def test_verify_checks_key_files(kept, tmp_path, capsys):
+    """`aae-dist verify` reads the key files too: a replaced one is one line, exit 2."""
+    import shutil
+
+    ds = tmp_path / "copy"
+    shutil.copytree(kept[0], ds)
+    assert main(["verify", str(ds)]) == 0
+    pq.write_table(pa.table({"customer_id": ["x"] * 3}), ds / "train-00000.keys.parquet")
+    capsys.readouterr()
+    assert main(["verify", str(ds)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train-00000.keys.parquet" in err and "fails its sha256 check" in err, err
