@@ -251,7 +251,7 @@ def dry_run_config(root, data, *sets) -> dict:
 def test_table_dataset_gets_row_sized_defaults_where_the_config_is_silent(tables, digits_url):
     root, _ = tables
     cfg = dry_run_config(root, root / "ds")
-    assert cfg["model"]["hidden"] == [256, 256] and cfg["model"]["latent_dim"] == 16 and cfg["model"]["posterior"] == "gaussian"
+    assert cfg["model"]["hidden"] == [256, 256] and cfg["model"]["latent_dim"] == 8 and cfg["model"]["posterior"] == "gaussian"
     assert cfg["train"]["parzen_samples"] == 0 and cfg["train"]["threads"] == 1
     rows = json.loads((root / "ds" / "manifest.json").read_text())["splits"]["train"]["count"]
     assert cfg["data"]["batch_size"] == rows // 4 and cfg["train"]["epochs"] == 300  # a quarter of the rows: 4 steps an epoch
