@@ -150,7 +150,7 @@ def sample_grid(ref: str, n: int, out: str, label: int | None = None, interpolat
 # ---- encode ------------------------------------------------------------------------------------
 
 def _encode_shard(job: tuple) -> int:
-    ref, data, split, shard_index, out, keep = job
+    ref, data, split, shard_index, out, keep, head = job
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -168,7 +168,10 @@ def _encode_shard(job: tuple) -> int:
     cols = {"split": pa.array([split] * len(z)), "shard": pa.array([shard.name] * len(z)), "index": pa.array(np.arange(len(z))),
             "label": pa.array(np.asarray(y)), "z": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])}
     if c.y_logits is not None:
-        cols["y_pred"] = pa.array(c.y_logits.argmax(1).numpy())
+        cols["y_pred"] = pa.array(c.heads[head].argmax(1).numpy())  # the reported head (model.cluster_heads)
+        if len(c.heads) > 1:
+            preds = np.stack([h.argmax(1).numpy() for h in c.heads], 1)
+            cols["y_pred_heads"] = pa.FixedSizeListArray.from_arrays(pa.array(preds.reshape(-1)), preds.shape[1])
     if model.variant.decoder_input == "heads":  # dimensionality reduction: the 2-D representation y @ heads + z
         from .figures import representation
 
@@ -186,7 +189,7 @@ def _encode_shard(job: tuple) -> int:
     return len(z)
 
 
-ENCODE_COLUMNS = ("split", "shard", "index", "label", "z", "y_pred", "representation")
+ENCODE_COLUMNS = ("split", "shard", "index", "label", "z", "y_pred", "y_pred_heads", "representation")
 
 
 def encode(ref: str, data: str, out: str, splits: list[str] | None = None, workers: int = 0, address: str | None = None,
@@ -203,7 +206,32 @@ def encode(ref: str, data: str, out: str, splits: list[str] | None = None, worke
     for s in names:  # every split checked before any is encoded
         manifest.split(s, data)
     keep = check_keep(manifest, data, names, keep or [])
-    return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out, keep), workers, address))
+    head = reported_head(ref, data, manifest)
+    return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out, keep, head), workers, address))
+
+
+def reported_head(ref: str, data: str, manifest) -> int:
+    """With model.cluster_heads > 1, y_pred is the head the run's metrics report: chosen again here the same
+    label-free way (the unsupervised objective on the run's own training split, else on this dataset's)."""
+    from .data import read_manifest
+    from .evaluation import Evaluator
+
+    cfg, model = load_run(ref)
+    if getattr(model.nets["encoder"], "num_heads", 1) <= 1:
+        return 0
+    try:
+        path = run_data(cfg, None)
+        own = read_manifest(path)
+    except UserError:
+        path, own = data, manifest
+    if "train" not in own.splits or tuple(own.shape) != model.shape:
+        path, own = data, manifest
+    if "train" not in own.splits:
+        return 0
+    ev = Evaluator(cfg, model, own, data_path=path)
+    with model.evaluating():
+        ev.generator.manual_seed(seeds.evaluation(cfg.train.seed))
+        return ev.choose_head()["cluster_head"]
 
 
 def check_keep(manifest, data: str, splits: list[str], keep: list[str]) -> tuple[str, ...]:
@@ -222,11 +250,11 @@ def check_keep(manifest, data: str, splits: list[str], keep: list[str]) -> tuple
     return tuple(dict.fromkeys(keep))
 
 
-def encode_jobs(ref: str, data: str, manifest, splits: list[str] | None, out: str, keep: tuple[str, ...] = ()):
+def encode_jobs(ref: str, data: str, manifest, splits: list[str] | None, out: str, keep: tuple[str, ...] = (), head: int = 0):
     """One job per shard, made as the workers take them: a dataset of millions of shards is never a list."""
     for s in splits or list(manifest.splits):
         for i in range(len(manifest.splits[s].shards)):
-            yield (ref, data, s, i, out, keep)
+            yield (ref, data, s, i, out, keep, head)
 
 
 # ---- generate ----------------------------------------------------------------------------------
