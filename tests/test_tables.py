@@ -253,13 +253,17 @@ def test_table_dataset_gets_row_sized_defaults_where_the_config_is_silent(tables
     cfg = dry_run_config(root, root / "ds")
     assert cfg["model"]["hidden"] == [256, 256] and cfg["model"]["latent_dim"] == 8 and cfg["model"]["posterior"] == "gaussian"
     assert cfg["train"]["parzen_samples"] == 0 and cfg["train"]["threads"] == 1
+    assert cfg["phases"]["reconstruction"]["lr"] == 3e-3 and cfg["phases"]["generator"]["lr"] == 5e-4  # the tuned table rates
     rows = json.loads((root / "ds" / "manifest.json").read_text())["splits"]["train"]["count"]
     assert cfg["data"]["batch_size"] == rows // 4 and cfg["train"]["epochs"] == 300  # a quarter of the rows: 4 steps an epoch
-    kept = dry_run_config(root, root / "ds", "model.hidden=[64,64]", "train.parzen_samples=100", "data.batch_size=20")
+    kept = dry_run_config(root, root / "ds", "model.hidden=[64,64]", "train.parzen_samples=100", "data.batch_size=20",
+                          "phases.generator.lr=1e-4")
     assert kept["model"]["hidden"] == [64, 64] and kept["train"]["parzen_samples"] == 100 and kept["data"]["batch_size"] == 20
+    assert kept["phases"]["generator"]["lr"] == 1e-4 and kept["phases"]["discriminator"]["lr"] == 5e-4
     assert kept["train"]["epochs"] == 300 and kept["model"]["disc_hidden"] == [256, 256]
     image = dry_run_config(root, digits_url)  # images keep the paper's defaults
     assert image["model"]["hidden"] == [1000, 1000] and image["train"]["parzen_samples"] == 10_000 and image["train"]["threads"] is None
+    assert image["phases"]["reconstruction"]["lr"] == 1e-3
 
 
 def test_run_summary_and_tensorboard_hold_the_row_report_and_column_figures(trained, tmp_path):
