@@ -199,24 +199,23 @@ def encode(ref: str, data: str, out: str, splits: list[str] | None = None, worke
     from .parallel import map_tasks
 
     manifest = read_manifest(data)
-    model = load_model(ref)
+    cfg, model = load_run(ref)
     if tuple(manifest.shape) != model.shape:
         raise UserError(f"dataset {storage.redact(data)} holds {tuple(manifest.shape)} samples, the model was trained on {model.shape}")
     names = splits or list(manifest.splits)
     for s in names:  # every split checked before any is encoded
         manifest.split(s, data)
     keep = check_keep(manifest, data, names, keep or [])
-    head = reported_head(ref, data, manifest)
+    head = reported_head(cfg, model, data, manifest)
     return sum(map_tasks(_encode_shard, encode_jobs(ref, data, manifest, names, out, keep, head), workers, address))
 
 
-def reported_head(ref: str, data: str, manifest) -> int:
+def reported_head(cfg: Config, model: AAE, data: str, manifest) -> int:
     """With model.cluster_heads > 1, y_pred is the head the run's metrics report: chosen again here the same
     label-free way (the unsupervised objective on the run's own training split, else on this dataset's)."""
     from .data import read_manifest
     from .evaluation import Evaluator
 
-    cfg, model = load_run(ref)
     if getattr(model.nets["encoder"], "num_heads", 1) <= 1:
         return 0
     try:

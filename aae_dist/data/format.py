@@ -220,15 +220,21 @@ def _sample_shape(value, dtype: np.dtype) -> list[int]:
     return shape
 
 
-def _array_file(doc, shard: str, which: str, count: int, item_bytes: int) -> ArrayFile:
-    """One shard file's entry: its name is the writer's, its size follows from the count, its checksums are hex."""
-    where = f"shard {shard} {which}"
-    doc = _object(doc, f"'{which}' of shard {shard}")
+def _file_entry(doc, where: str, what: str, expected: str) -> dict:
+    """A shard file's manifest entry: an object of ArrayFile's keys only, naming the writer's own file."""
+    doc = _object(doc, what)
     unknown = set(doc) - set(ArrayFile.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
-    if doc.get("file") != f"{shard}.{which}.npy":
-        raise ValueError(f"{where} 'file' is {str(doc.get('file'))[:80]!r}: expected '{shard}.{which}.npy', a file inside the dataset folder")
+    if doc.get("file") != expected:
+        raise ValueError(f"{where} 'file' is {str(doc.get('file'))[:80]!r}: expected '{expected}', a file inside the dataset folder")
+    return doc
+
+
+def _array_file(doc, shard: str, which: str, count: int, item_bytes: int) -> ArrayFile:
+    """One shard file's entry: its name is the writer's, its size follows from the count, its checksums are hex."""
+    where = f"shard {shard} {which}"
+    doc = _file_entry(doc, where, f"'{which}' of shard {shard}", f"{shard}.{which}.npy")
     f = ArrayFile(file=doc["file"], bytes=_whole(doc["bytes"], f"{where} 'bytes'", 0, MAX_FILE_BYTES),
                   sha256=_hex(doc["sha256"], f"{where} 'sha256'", 64), header=_whole(doc["header"], f"{where} 'header'", 0),
                   block_bytes=_whole(doc.get("block_bytes", 0), f"{where} 'block_bytes'", 0), blocks=doc.get("blocks"),
@@ -271,12 +277,7 @@ KEYS_SUFFIX = ".keys.parquet"
 def _keys_file(doc, shard: str) -> ArrayFile:
     """A shard's key side file (tables, `shard --keep`): the writer's name, no header, checksums as hex."""
     where = f"shard {shard} keys"
-    doc = _object(doc, f"'keys' of shard {shard}")
-    unknown = set(doc) - set(ArrayFile.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
-    if doc.get("file") != f"{shard}{KEYS_SUFFIX}":
-        raise ValueError(f"{where} 'file' is {str(doc.get('file'))[:80]!r}: expected '{shard}{KEYS_SUFFIX}', a file inside the dataset folder")
+    doc = _file_entry(doc, where, f"'keys' of shard {shard}", f"{shard}{KEYS_SUFFIX}")
     f = ArrayFile(file=doc["file"], bytes=_whole(doc["bytes"], f"{where} 'bytes'", 1, MAX_FILE_BYTES), sha256=_hex(doc["sha256"], f"{where} 'sha256'", 64),
                   header=_whole(doc.get("header", 0), f"{where} 'header'", 0, 0), block_bytes=_whole(doc.get("block_bytes", 0), f"{where} 'block_bytes'", 0),
                   blocks=doc.get("blocks"), block_hash=doc.get("block_hash", "sha256"))
