@@ -2,11 +2,14 @@
 progress bar updated in place (fed by rank 0 through a channel, never by forwarded worker output),
 and a final table of the metrics beside their baselines and the paper's figures.
 
-The channel is a `ProgressBoard`: in-process it is called directly; under Ray it runs as a small
-actor that rank 0 posts to and the driver polls."""
+The channel is a `ProgressBoard`: in-process it is called directly; under a local Ray (every process on
+this machine) it is a JSON file rank 0 rewrites and the driver polls (`FileBoard`); on a cluster joined by
+--address it runs as a small actor that rank 0 posts to and the driver polls."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import threading
 
@@ -36,6 +39,46 @@ class ProgressBoard:
 
     def read(self) -> tuple[dict, list[str]]:
         return dict(self.latest), list(self.warnings)
+
+
+class FileBoard(ProgressBoard):
+    """The board as a file, for a local Ray: rank 0 runs on this machine, so no actor is needed (an actor is one
+    more Ray worker process to start beside Train's controller and worker; about 1 s of a 2-core machine's
+    start-up, measured).  A restarted rank 0 loads the file first, so restarts are still counted."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.latest, self.warnings, self.starts = _read_board(path)
+
+    def put(self, update: dict) -> None:
+        super().put(update)
+        self._write()
+
+    def warn(self, text: str) -> None:
+        super().warn(text)
+        self._write()
+
+    def _write(self) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"latest": self.latest, "warnings": self.warnings, "starts": self.starts}, fh)
+        os.replace(tmp, self.path)  # the driver never reads half a file
+
+
+def read_board_file(path: str) -> tuple[dict, list[str]]:
+    """What the driver draws from a FileBoard: (latest, warnings); nothing yet before rank 0's first post."""
+    latest, warnings, _ = _read_board(path)
+    return latest, warnings
+
+
+def _read_board(path: str) -> tuple[dict, list[str], int]:
+    try:
+        with open(path) as fh:
+            state = json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return {}, [], 0
+    return dict(state.get("latest", {})), list(state.get("warnings", [])), int(state.get("starts", 0))
 
 
 class RemoteFeed:
@@ -105,20 +148,18 @@ class LocalBoard(ProgressBoard):
 
 
 class Poller:
-    """Under Ray: a driver thread that reads the board actor twice a second and draws."""
+    """Under Ray: a driver thread that reads the board twice a second and draws; read() -> (latest, warnings)."""
 
-    def __init__(self, actor, console: ConsoleProgress, every_s: float = 0.5):
-        self.actor, self.console, self.every_s = actor, console, every_s
+    def __init__(self, read, console: ConsoleProgress, every_s: float = 0.5):
+        self.read, self.console, self.every_s = read, console, every_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        import ray
-
         while not self.stop.wait(self.every_s):
             try:
-                self.console.show(*ray.get(self.actor.read.remote(), timeout=5))
+                self.console.show(*self.read())
             except Exception:  # noqa: BLE001 - the bar is a courtesy; training goes on without it
                 continue
 
@@ -126,9 +167,7 @@ class Poller:
         self.stop.set()
         self.thread.join(timeout=2)
         try:
-            import ray
-
-            self.console.show(*ray.get(self.actor.read.remote(), timeout=5))
+            self.console.show(*self.read())
         except Exception:  # noqa: BLE001
             pass
         self.console.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
-from . import storage, timeline
+from . import storage, tempdirs, timeline
 from .config import Config, RunSection
-from .console import ConsoleProgress, Poller, ProgressBoard
+from .console import ConsoleProgress, Poller, ProgressBoard, read_board_file
 from .errors import UserError
 from .plan import RunPlan
 from .ray_connect import connect_ray
@@ -82,10 +83,24 @@ def forget_ray_snapshot(run_url: str) -> None:
 
 def worker_payload(cfg: Config, plan: RunPlan, started_at: float, board=None) -> dict:
     """train_loop_config: plain data.  "plan" is the run plan (RunPlan.from_dict); "worker" is what a worker
-    takes from the run section (threads, GPU, name), so no worker code reads run.* (the caller's cfg is not changed)."""
+    takes from the run section (threads, GPU, name), so no worker code reads run.* (the caller's cfg is not changed).
+    board: the progress board's actor handle, or (a local Ray) its file's path, or None."""
     worker = {"threads": cfg.train.threads or plan.threads, "gpu": cfg.run.gpu, "name": cfg.run.name}
-    return {"config": cfg.to_dict(), "run_url": plan.run_url, "started_at": started_at, "board": board,
+    where = {"board_file": board} if isinstance(board, str) else {"board": board}
+    return {"config": cfg.to_dict(), "run_url": plan.run_url, "started_at": started_at, **where,
             "timeline": timeline.marks(), "plan": plan.to_dict(), "worker": worker}
+
+
+def progress_board(cfg: Config):
+    """(what the workers post to, how the driver reads it): a file for the local Ray this driver started
+    (rank 0 is on this machine), an actor on a cluster joined by --address."""
+    import ray
+
+    if not cfg.run.address:
+        path = os.path.join(tempdirs.make("aae-progress-"), "board.json")
+        return path, lambda: read_board_file(path)
+    actor = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+    return actor, lambda: ray.get(actor.read.remote(), timeout=5)
 
 
 def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board=None, callbacks=()):
@@ -124,10 +139,10 @@ def launch_ray(cfg: Config, plan: RunPlan, started_at: float, console: ConsolePr
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
-    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()  # rank 0 posts progress here; the driver draws it
+    board, read = progress_board(cfg)  # rank 0 posts progress there; the driver draws it
     timeline.mark("fit_called")
     trainer = torch_trainer(cfg, plan, started_at, board)
-    poller = Poller(board, console)
+    poller = Poller(read, console)
     try:
         with user_errors_are_final():  # a UserError on any worker ends the run: no retry
             result = trainer.fit()
@@ -135,6 +150,8 @@ def launch_ray(cfg: Config, plan: RunPlan, started_at: float, console: ConsolePr
         raise _user_error_from(exc) from None
     finally:
         poller.close()
+        if isinstance(board, str):
+            shutil.rmtree(os.path.dirname(board), ignore_errors=True)
     if result.error:
         raise _user_error_from(result.error)
     raw = storage.read_bytes(storage.join(plan.run_url, "summary.json"))

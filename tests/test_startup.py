@@ -86,3 +86,22 @@ def test_the_driver_imports_no_torch_before_the_local_ray_starts(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], (out.stdout, out.stderr[-2000:])
+
+
+def test_the_progress_file_counts_restarts_and_is_read_whole(tmp_path):
+    """A local Ray's progress board is a file: a restarted rank 0 (a new FileBoard on the same path) continues
+    the count of starts and warns once; the driver reads what was last written, and nothing before the first post."""
+    from aae_dist.console import FileBoard, read_board_file
+
+    path = str(tmp_path / "board.json")
+    assert read_board_file(path) == ({}, [])
+    first = FileBoard(path)
+    first.put({"start": 0, "step": 0, "total": 10})
+    first.put({"step": 4, "total": 10})
+    assert read_board_file(path) == ({"start": 0, "step": 4, "total": 10}, [])
+    again = FileBoard(path)  # the worker group restarted from the step-3 checkpoint
+    again.put({"start": 3, "step": 3, "total": 10})
+    latest, warnings = read_board_file(path)
+    assert latest["start"] == 3 and latest["step"] == 3
+    assert warnings == ["a worker was lost: the group restarted from step 3 (restart 1)"]
+    assert [p.name for p in tmp_path.iterdir()] == ["board.json"]  # no temporary file left beside it

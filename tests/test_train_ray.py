@@ -14,8 +14,8 @@ from conftest import SMALL_MODEL, read_summary
 pytestmark = pytest.mark.ray
 
 
-def aae(*argv, cwd):
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
+def aae(*argv, cwd, bar=False):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", TQDM_DISABLE="" if bar else "1")
     return subprocess.run([sys.executable, "-m", "aae_dist.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -25,7 +25,8 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     sets = []
     for s in SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=5", "model.posterior=gaussian"]:
         sets += ["--set", s]
-    first = aae("train", "--workers", "2", "--storage", str(tmp_path / "runs"), "--name", "r", *sets, "--set", "train.max_steps=10", cwd=tmp_path)
+    first = aae("train", "--workers", "2", "--storage", str(tmp_path / "runs"), "--name", "r", *sets, "--set", "train.max_steps=10",
+                "--set", "train.progress=true", cwd=tmp_path, bar=True)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "runs" / "r"
     s = read_summary(run)
@@ -50,6 +51,7 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
     assert lines[0].startswith("aae-dist: training basic AAE") and "2 Ray workers" in lines[0]
     assert any(line.startswith("recon_loss ") for line in lines) and lines[-2].startswith("tensorboard --logdir ")
     assert lines[-1].startswith("Ray's logs")
+    assert "10/10" in first.stderr, first.stderr[-2000:]  # the bar reached the last step: rank 0's posts came through the progress file
 
 
 

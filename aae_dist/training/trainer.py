@@ -370,14 +370,17 @@ def _groups(batches, k: int):
 
 
 def train_worker(payload: dict) -> None:
-    """Ray Train's train_loop_per_worker: payload = {"config", "run_url", "started_at", "board" (the driver's progress actor)}."""
-    from ..console import RemoteFeed
+    """Ray Train's train_loop_per_worker: payload = {"config", "run_url", "started_at", "board" (the driver's progress
+    actor) or "board_file" (a local Ray's progress file)}."""
+    from ..console import FileBoard, RemoteFeed
 
     timeline.mark("worker_started")
     timeline.update(payload.get("timeline") or {})  # the driver's marks
     cfg = Config.model_validate(payload["config"])
-    feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
     session = RaySession(payload["run_url"], cfg.train.keep_checkpoints)
+    feed = RemoteFeed(payload["board"]) if payload.get("board") is not None else None
+    if payload.get("board_file") and session.rank == 0:  # only rank 0 posts (a restarted one continues the file)
+        feed = FileBoard(payload["board_file"])
     _fit(Trainer(cfg, session, payload.get("started_at"), feed, **payload["worker"]))
 
 
