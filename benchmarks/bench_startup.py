@@ -101,8 +101,6 @@ def main() -> None:
                   f"final evaluation {s['eval_s']:.2f} s = {s['eval_s'] / s['wall_s']:.1%} of the run's {s['wall_s']:.1f} s; command {total:.1f} s")
             for stage, sec in s["startup_stages_s"].items():
                 print(f"[round {i}] [{label}]   {stage}: {sec:.2f} s")
-            if "startup_imports_ahead_s" in s:
-                print(f"[round {i}] [{label}]   (rank 0's imports began {s['startup_imports_ahead_s']:.2f} s before its training function)")
     for label, v in own.items():
         print(f"[summary] {label}: aae-dist's own share of the start-up, median of {len(v)}: {statistics.median(v):.2f} s ({', '.join(f'{x:.2f}' for x in v)})")
 
