@@ -106,9 +106,8 @@ def progress_board(cfg: Config):
 def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board=None, callbacks=()):
     """The Ray Train trainer of one run (also one sweep trial's): the plan says how many workers and what each asks for."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .ray_backend import PrewarmingTorchConfig
     from .training.trainer import train_worker
 
     lo, hi = plan.workers
@@ -122,7 +121,7 @@ def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board=None, cal
             **({"elastic_resize_monitor_interval_s": run.resize_check_s} if plan.elastic else {}),
             resources_per_worker=dict(plan.resources),
         ),
-        torch_config=PrewarmingTorchConfig(backend="nccl" if run.gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if run.gpu else "gloo"),
         run_config=RunConfig(
             name=run.name,
             **ray_storage(run.storage),

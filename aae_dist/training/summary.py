@@ -47,13 +47,6 @@ class RunRecord:
     reporter: object | None  # rank 0's Reporter
 
 
-def _imports_ahead(marks: dict) -> dict:
-    """Under Ray: how long before the training function rank 0's imports began (training/prewarm.py)."""
-    if "imports_begun" not in marks or "worker_started" not in marks:
-        return {}
-    return {"startup_imports_ahead_s": round(marks["worker_started"] - marks["imports_begun"], 3)}
-
-
 def write_summary(r: RunRecord, metrics: dict, baselines: dict) -> dict:
     """Every rank calls this (it gathers); rank 0 writes the file and returns the summary."""
     everyone = all_gather({"fingerprint": fingerprint(r.nets), "node": r.node, "device": r.device, "storage_retries": storage.retries()})
@@ -69,7 +62,6 @@ def write_summary(r: RunRecord, metrics: dict, baselines: dict) -> dict:
         "train_s": train_s,
         "startup_s": r.startup_s,  # process start (driver) to first step
         "startup_stages_s": timeline.breakdown(timeline.marks()),  # where those seconds went (rank 0's view)
-        **_imports_ahead(timeline.marks()),
         "eval_s": r.eval_s,  # the final evaluation (metrics and baselines)
         "metrics": metrics,
         "baselines": baselines,  # the same data's floors: k-means on pixels, logistic regression on the labelled samples

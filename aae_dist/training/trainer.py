@@ -373,12 +373,8 @@ def train_worker(payload: dict) -> None:
     """Ray Train's train_loop_per_worker: payload = {"config", "run_url", "started_at", "board" (the driver's progress
     actor) or "board_file" (a local Ray's progress file)}."""
     from ..console import FileBoard, RemoteFeed
-    from . import prewarm
 
-    prewarm.wait()  # its imports count as the worker's (the stage that ends here)
     timeline.mark("worker_started")
-    if "at" in prewarm.STARTED:  # Ray Train's backend began this worker's imports while the group formed
-        timeline.mark("imports_begun", prewarm.STARTED["at"])
     timeline.update(payload.get("timeline") or {})  # the driver's marks
     cfg = Config.model_validate(payload["config"])
     session = RaySession(payload["run_url"], cfg.train.keep_checkpoints)
