@@ -53,6 +53,8 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
 def _init(address: str | None, verbose: bool) -> None:
     import logging
 
+    import torch  # noqa: F401  -- before ray, always: a driver that joined a cluster first and loaded torch after
+    # died with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so" (tests/test_cluster.py's submitted job)
     import ray
 
     if ray.is_initialized():

@@ -68,26 +68,6 @@ def test_no_ray_is_started_early_for_a_plan_refusal_or_a_dry_run(world, monkeypa
     assert not started and not ray.is_initialized()
 
 
-def test_the_driver_imports_no_torch_before_the_local_ray_starts(tmp_path):
-    """torch's import (~1.2 s) belongs beside Ray's start, not before it: a fresh interpreter running `train`
-    reaches start_early with no torch (and no ray) imported (a tracker check once pulled torch in via TensorBoard)."""
-    import subprocess
-    import sys
-
-    probe = (
-        "import os, sys\n"
-        "import aae_dist.launch as L\n"
-        "def early(*a, **k):\n"
-        "    print('torch' in sys.modules, 'ray' in sys.modules); sys.stdout.flush(); os._exit(0)\n"
-        "L.start_early = early\n"
-        "from aae_dist.cli import main\n"
-        f"main(['train', '--storage', {str(tmp_path)!r}, '--name', 'probe', '--workers', '1'])\n"
-        "print('start_early was never reached')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["False", "False"], (out.stdout, out.stderr[-2000:])
-
-
 def test_the_progress_file_counts_restarts_and_is_read_whole(tmp_path):
     """A local Ray's progress board is a file: a restarted rank 0 (a new FileBoard on the same path) continues
     the count of starts and warns once; the driver reads what was last written, and nothing before the first post."""

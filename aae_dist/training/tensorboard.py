@@ -1,7 +1,6 @@
 """TensorBoard on rank 0: event files are written locally and copied to the run folder.
 
-(SummaryWriter straight to s3:// re-uploads the whole file on every flush.)  No torch at import: the driver's
-pre-flight imports this module (via trackers) before the local Ray starts, and torch costs ~1.2 s there."""
+(SummaryWriter straight to s3:// re-uploads the whole file on every flush.)"""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import shutil
 import time
 
 import numpy as np
+import torch
 
 from .. import storage, tempdirs
 
@@ -34,7 +34,7 @@ class TensorBoardLogger:
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, img, step, dataformats="CHW")
 
-    def histogram(self, tag: str, values, step: int) -> None:
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         self.writer.add_histogram(tag, values.detach().float().cpu().numpy(), step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
