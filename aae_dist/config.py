@@ -192,6 +192,9 @@ class ReconstructionPhaseConfig(PhaseConfig):
     consistency_scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out as a fraction, per sample (consistency > 0)")
     consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency and vat terms' target y(x) sees: "
                                                           "the reconstruction's own noisy input, or x without input noise or dropout")
+    consistency_threshold: float = Field(0.0, ge=0, lt=1, description="consistency > 0: 0, every moved copy learns the whole target y (KL); "
+                                                           "above 0, only copies whose target is at least this confident count, and "
+                                                           "they learn its most likely class (FixMatch's pseudo-labels; 0.95 there)")
     vat: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of KL(y(x) || y(x + r)), r the perturbation of "
                                                "L2 norm vat_eps that changes y most (virtual adversarial training; 0: off)")
     vat_eps: float = Field(2.0, gt=0, le=1e6, description="L2 norm of the adversarial perturbation, in pixel units of [0, 1] images (vat > 0)")
@@ -202,6 +205,16 @@ class ReconstructionPhaseConfig(PhaseConfig):
     info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "
                                                 "marginal over the global batch (IMSAT's information term: confident, balanced clusters; 0: off)")
     info_mu: float = Field(4.0, ge=0, le=1e6, description="info > 0: weight of the marginal entropy against the conditional one (IMSAT: 4)")
+
+
+class ClassificationPhaseConfig(PhaseConfig):
+    shift: int = Field(0, ge=0, le=4096, description="largest translation in pixels of each labelled image, per axis (0: none)")
+    rotate: float = Field(0.0, ge=0, le=90, description="largest rotation in degrees of each labelled image (0: none)")
+    scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out of each labelled image, as a fraction (0: none)")
+
+    @property
+    def moves(self) -> bool:
+        return bool(self.shift or self.rotate or self.scale)
 
 
 class DiscriminatorPhaseConfig(PhaseConfig):
@@ -222,7 +235,8 @@ class PhasesConfig(Section):
     discriminator: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D tells prior samples from codes")
     discriminator_cat: DiscriminatorPhaseConfig = Field(DiscriminatorPhaseConfig(lr=2e-4), description="D on the categorical y")
     generator: GeneratorPhaseConfig = Field(GeneratorPhaseConfig(lr=2e-4), description="the encoder learns to fool D")
-    classification: PhaseConfig = Field(PhaseConfig(lr=1e-3, beta1=0.9), description="semi-supervised: y on labelled samples")
+    classification: ClassificationPhaseConfig = Field(ClassificationPhaseConfig(lr=1e-3, beta1=0.9),
+                                                      description="semi-supervised: y on labelled samples")
 
 
 class TrainConfig(Section):

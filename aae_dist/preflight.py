@@ -92,6 +92,11 @@ def check_against_data(cfg: Config, m) -> None:
     if cfg.phases.reconstruction.consistency and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.consistency translates images, but samples of {where} are "
                         f"shaped {tuple(m.shape)}, not (channels, height, width): set it to 0")
+    c = cfg.phases.classification
+    if c.moves and len(m.shape) != 3:
+        moved = ", ".join(f"phases.classification.{k}" for k in ("shift", "rotate", "scale") if getattr(c, k))
+        raise UserError(f"{moved} move{'s' if ',' not in moved else ''} images, but samples of {where} are shaped "
+                        f"{tuple(m.shape)}, not (channels, height, width): set {'it' if ',' not in moved else 'them'} to 0")
     if row.label_tag and cfg.prior.kind in ("mixture", "swiss_roll") and cfg.prior.components != k:
         raise UserError(f"model.variant={cfg.model.variant}: prior.components={cfg.prior.components} must equal the {k} classes")
     if row.uses_labels(cfg.data.labeled_per_class) and k < m.num_classes:

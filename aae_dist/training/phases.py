@@ -221,8 +221,20 @@ def consistency(ctx: StepContext, b: Batch, s: Settings):
     target, c = _target(b, s), s.phase
     moved = ctx.wrapped["encoder"](translated(b.x, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale),
                                    generator=ctx.generator)
-    kl_y = _kl_heads(target, moved)
-    return kl_y, {"consistency": kl_y.detach()}
+    if c.consistency_threshold:
+        value = _per_head([_pseudo_label_loss(t, logits, c.consistency_threshold) for t, logits in zip(target, moved.heads)])
+    else:
+        value = _kl_heads(target, moved)
+    return value, {"consistency": value.detach()}
+
+
+def _pseudo_label_loss(target: torch.Tensor, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """FixMatch's unlabelled loss: the cross-entropy of the moved copy's y against the target's most likely
+    class, where the target is at least `threshold` confident; divided by the whole batch (as FixMatch), so
+    the term grows as y grows confident instead of weighing a few early pseudo-labels as much as a full batch."""
+    confidence, label = target.max(1)
+    keep = (confidence >= threshold).to(torch.float32)
+    return (F.cross_entropy(logits.float(), label, reduction="none") * keep).sum() / len(target)
 
 
 @term("reconstruction", weight="vat", stats=("vat",))
@@ -336,6 +348,9 @@ def generator(ctx: StepContext, b: Batch, s: Settings):
 def classification(ctx: StepContext, b: Batch, s: Settings):
     """The supervised phase: the encoder's y (every head's, summed) learns the labels of a labelled minibatch."""
     xl, yl = ctx.labelled() if ctx.labelled is not None else (b.x, b.y)
+    c = s.phase
+    if getattr(c, "moves", False):  # the labelled images moved a little: 100 labels are memorised less
+        xl = translated(xl, c.shift, ctx.generator, c.rotate, c.scale)
     heads = ctx.wrapped["encoder"](xl, generator=ctx.generator).heads
     known = yl >= 0
     loss = _per_head([(F.cross_entropy(h.float(), yl.clamp_min(0), reduction="none") * known).sum() / known.sum().clamp_min(1)
