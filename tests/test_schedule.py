@@ -208,3 +208,78 @@ def test_clean_consistency_target_skips_the_input_corruption_only():
     assert not torch.equal(enc(x, generator=g).y_logits, enc(x, generator=g).y_logits)
     _, stats = phases_of(cfg)[0].loss(StepContext(dict(aae.nets), aae, g), x, torch.zeros(16, dtype=torch.long))
     assert stats["consistency"] > 0
+
+
+def test_pseudo_label_loss_counts_only_confident_targets_over_the_whole_batch():
+    """consistency_threshold > 0 (FixMatch): a moved copy learns its target's most likely class only where the
+    target is at least that confident; the sum is divided by the whole batch, and nothing confident gives 0."""
+    import torch.nn.functional as F
+
+    from aae_dist.training.phases import _pseudo_label_loss
+
+    target = torch.tensor([[0.97, 0.01, 0.02], [0.4, 0.3, 0.3], [0.01, 0.01, 0.98], [0.5, 0.49, 0.01]])
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss = _pseudo_label_loss(target, logits, 0.95)
+    by_hand = (F.cross_entropy(logits[0:1], torch.tensor([0])) + F.cross_entropy(logits[2:3], torch.tensor([2]))) / 4
+    assert torch.allclose(loss, by_hand)
+    loss.backward()
+    assert torch.all(logits.grad[[1, 3]] == 0) and torch.all(logits.grad[[0, 2]].abs().sum(1) > 0)
+    assert _pseudo_label_loss(target, logits.detach(), 0.99) == 0
+    assert torch.allclose(_pseudo_label_loss(target, logits.detach(), 0.3),  # every row kept: plain cross-entropy on argmax
+                          F.cross_entropy(logits.detach(), target.argmax(1)))
+
+
+def test_consistency_threshold_switches_the_term_to_pseudo_labels():
+    """The same batch and seed: a threshold no target reaches gives a zero term, a threshold every target reaches
+    the cross-entropy against the target's argmax, which differs from the KL of the default."""
+    from aae_dist.models import AAE
+    from aae_dist.training.phases import StepContext
+
+    def term(*extra):
+        cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
+                                 "model.latent_dim=2", "phases.reconstruction.consistency=1", *extra])
+        torch.manual_seed(0)
+        aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
+        ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0))
+        _, stats = phases_of(cfg)[0].loss(ctx, torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                          torch.zeros(16, dtype=torch.long))
+        return float(stats["consistency"])
+
+    kl, none_kept, all_kept = term(), term("phases.reconstruction.consistency_threshold=0.999"), \
+        term("phases.reconstruction.consistency_threshold=0.01")
+    assert none_kept == 0 and all_kept > 0 and abs(all_kept - kl) > 1e-4
+
+
+def test_classification_moves_the_labelled_images_only_when_asked():
+    """phases.classification.shift/rotate/scale: the labelled minibatch is moved before the encoder reads it
+    (a different loss from the unmoved one on the same seed), and a dataset of table rows is refused in one line."""
+    import pytest
+
+    from aae_dist.errors import UserError
+    from aae_dist.models import AAE
+    from aae_dist.preflight import check_against_data
+    from aae_dist.training.phases import StepContext
+
+    def loss(*extra):
+        cfg = load_config(None, ["model.variant=semi_supervised", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
+                                 "model.latent_dim=2", "data.labeled_per_class=2", *extra])
+        torch.manual_seed(0)
+        aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4)
+        xl = torch.zeros(8, 1, 8, 8)
+        xl[:, 0, 2:6, 3] = 1.0
+        yl = torch.arange(8) % 4
+        ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0), labelled=lambda: (xl, yl))
+        aae.eval()
+        classify = [p for p in phases_of(cfg) if p.name == "classification"][0]
+        return float(classify.loss(ctx, xl, yl)[1]["loss"]), cfg
+
+    plain, _ = loss()
+    assert plain == loss()[0]
+    moved, cfg = loss("phases.classification.shift=2", "phases.classification.rotate=20")
+    assert moved != plain
+
+    class Rows:  # what a table's manifest says: samples are flat rows
+        labels, num_classes, shape = True, 4, (12,)
+
+    with pytest.raises(UserError, match=r"phases.classification.shift, phases.classification.rotate move images.*set them to 0"):
+        check_against_data(cfg, Rows())
