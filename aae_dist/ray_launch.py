@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 from . import storage, tempdirs, timeline
 from .config import Config, RunSection
@@ -81,29 +83,40 @@ def forget_ray_snapshot(run_url: str) -> None:
     storage.remove(storage.join(run_url, RAY_SNAPSHOT), recursive=False)
 
 
-def worker_payload(cfg: Config, plan: RunPlan, started_at: float, board=None) -> dict:
+def worker_payload(cfg: Config, plan: RunPlan, started_at: float, board: "Board | None" = None) -> dict:
     """train_loop_config: plain data.  "plan" is the run plan (RunPlan.from_dict); "worker" is what a worker
     takes from the run section (threads, GPU, name), so no worker code reads run.* (the caller's cfg is not changed).
-    board: the progress board's actor handle, or (a local Ray) its file's path, or None."""
+    board: where rank 0 posts progress (its payload keys), or None."""
     worker = {"threads": cfg.train.threads or plan.threads, "gpu": cfg.run.gpu, "name": cfg.run.name}
-    where = {"board_file": board} if isinstance(board, str) else {"board": board}
+    where = board.payload if board is not None else {"board": None}
     return {"config": cfg.to_dict(), "run_url": plan.run_url, "started_at": started_at, **where,
             "timeline": timeline.marks(), "plan": plan.to_dict(), "worker": worker}
 
 
-def progress_board(cfg: Config):
-    """(what the workers post to, how the driver reads it): a file for the local Ray this driver started
-    (rank 0 is on this machine), an actor on a cluster joined by --address."""
+@dataclass(frozen=True)
+class Board:
+    """The progress board of one fit: what the workers are told (payload keys), how the driver reads it, and
+    what to remove afterwards."""
+
+    payload: dict
+    read: Callable[[], tuple[dict, list[str]]]
+    close: Callable[[], None] = lambda: None
+
+
+def progress_board(cfg: Config) -> Board:
+    """A file for the local Ray this driver started (rank 0 is on this machine: no actor process to start),
+    an actor on a cluster joined by --address."""
     import ray
 
     if not cfg.run.address:
-        path = os.path.join(tempdirs.make("aae-progress-"), "board.json")
-        return path, lambda: read_board_file(path)
+        folder = tempdirs.make("aae-progress-")
+        path = os.path.join(folder, "board.json")
+        return Board({"board_file": path}, lambda: read_board_file(path), lambda: shutil.rmtree(folder, ignore_errors=True))
     actor = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-    return actor, lambda: ray.get(actor.read.remote(), timeout=5)
+    return Board({"board": actor}, lambda: ray.get(actor.read.remote(), timeout=5))
 
 
-def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board=None, callbacks=()):
+def torch_trainer(cfg: Config, plan: RunPlan, started_at: float, board: Board | None = None, callbacks=()):
     """The Ray Train trainer of one run (also one sweep trial's): the plan says how many workers and what each asks for."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -139,10 +152,10 @@ def launch_ray(cfg: Config, plan: RunPlan, started_at: float, console: ConsolePr
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not cfg.run.shared_storage:
         check_shared_storage(cfg.run.storage, len(nodes))
-    board, read = progress_board(cfg)  # rank 0 posts progress there; the driver draws it
+    board = progress_board(cfg)  # rank 0 posts progress there; the driver draws it
     timeline.mark("fit_called")
     trainer = torch_trainer(cfg, plan, started_at, board)
-    poller = Poller(read, console)
+    poller = Poller(board.read, console)
     try:
         with user_errors_are_final():  # a UserError on any worker ends the run: no retry
             result = trainer.fit()
@@ -150,8 +163,7 @@ def launch_ray(cfg: Config, plan: RunPlan, started_at: float, console: ConsolePr
         raise _user_error_from(exc) from None
     finally:
         poller.close()
-        if isinstance(board, str):
-            shutil.rmtree(os.path.dirname(board), ignore_errors=True)
+        board.close()
     if result.error:
         raise _user_error_from(result.error)
     raw = storage.read_bytes(storage.join(plan.run_url, "summary.json"))

@@ -5,8 +5,8 @@ step's own rate (the reader must never be the bottleneck).
     python benchmarks/bench_data.py [--samples 60000] [--batch 128] [--rounds 5] [--ratio-only]
 
 The S3 ratio that counts is --rounds alternating rounds (plain client, shuffled reader, unshuffled reader,
-one after the other, each round's ratio taken within the round) and their median: on a shared machine the
-server's speed swings 2-3x between figures timed minutes apart.
+one after the other, each taking the first place in turn; each round's ratio taken within the round) and
+their median: on a shared machine the server's speed swings 2-3x between figures timed minutes apart.
 """
 
 from __future__ import annotations
@@ -168,12 +168,17 @@ def alternating(x, y, args) -> None:
     try:
         write_dataset(s3url, {"train": (x, y)}, num_classes=10, source="synthetic", shard_size=args.shard_size, progress=False)
         ratios: dict[str, list[float]] = {"shuffled": [], "unshuffled": []}
+        contenders = {"plain": lambda: rate_plain_ranges(s3url, 16 << 20, args.epochs),
+                      "shuffled": lambda: rate_reader(s3url, args.batch, args.epochs),
+                      "unshuffled": lambda: rate_reader(s3url, args.batch, args.epochs, shuffle=False)}
+        names = list(contenders)
         for r in range(args.rounds):
-            plain = rate_plain_ranges(s3url, 16 << 20, args.epochs)
-            got = {"shuffled": rate_reader(s3url, args.batch, args.epochs), "unshuffled": rate_reader(s3url, args.batch, args.epochs, shuffle=False)}
+            order = names[r % 3:] + names[:r % 3]  # each contender takes each place in turn: no one always runs first
+            got = {k: contenders[k]() for k in order}
+            plain = got.pop("plain")
             for k, v in got.items():
                 ratios[k].append(v / plain)
-            print(f"[data] round {r} (load average {os.getloadavg()[0]:.1f}): plain client {plain:,.0f} samples/s; reader shuffled "
+            print(f"[data] round {r} ({' > '.join(order)}; load average {os.getloadavg()[0]:.1f}): plain client {plain:,.0f} samples/s; reader shuffled "
                   f"{got['shuffled']:,.0f} ({got['shuffled'] / plain:.2f}x), unshuffled {got['unshuffled']:,.0f} ({got['unshuffled'] / plain:.2f}x)")
         for k, v in ratios.items():
             print(f"[data] reader {k} / plain client, median of {len(v)} alternating rounds: {statistics.median(v):.2f}x (goal >= 0.9x)")
