@@ -190,6 +190,9 @@ class ReconstructionPhaseConfig(PhaseConfig):
     consistency_shift: int = Field(2, ge=1, le=4096, description="largest translation in pixels, per sample and axis (consistency > 0)")
     consistency_rotate: float = Field(0.0, ge=0, le=90, description="largest rotation in degrees, per sample (consistency > 0)")
     consistency_scale: float = Field(0.0, ge=0, lt=1, description="largest zoom in or out as a fraction, per sample (consistency > 0)")
+    consistency_shear: float = Field(0.0, ge=0, le=60, description="largest slant (shear) in degrees, per sample (consistency > 0)")
+    consistency_thickness: float = Field(0.0, ge=0, le=1, description="largest change of stroke width, as a fraction of a 3x3 dilation "
+                                                      "(thicker) or erosion (thinner), per sample (consistency > 0)")
     consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency and vat terms' target y(x) sees: "
                                                           "the reconstruction's own noisy input, or x without input noise or dropout")
     consistency_threshold: float = Field(0.0, ge=0, lt=1, description="consistency > 0: 0, every moved copy learns the whole target y (KL); "

@@ -283,3 +283,20 @@ def test_classification_moves_the_labelled_images_only_when_asked():
 
     with pytest.raises(UserError, match=r"phases.classification.shift, phases.classification.rotate move images.*set them to 0"):
         check_against_data(cfg, Rows())
+
+
+def test_shear_slants_and_thickness_thickens_or_thins_each_image_its_own_way():
+    """consistency_shear slants a vertical bar by its own draw (its column span grows, the ink stays); consistency_thickness
+    makes strokes thicker or thinner (ink up or down, per image); with both off the draws are those of before."""
+    from aae_dist.training.phases import translated
+
+    x = torch.zeros(16, 1, 21, 21)
+    x[:, 0, 4:17, 10] = 1.0
+    slanted = translated(x, 1, torch.Generator().manual_seed(5), shear=30.0)
+    spans = [int(c.max() - c.min()) for c in ((m[0] > 0.3).nonzero()[:, 1] for m in slanted)]
+    assert max(spans) >= 6 and min(spans) <= 3  # up to tan(30 deg) x 12 rows of slant, some nearly none
+    assert torch.allclose(slanted.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05)
+    ink = translated(x, 1, torch.Generator().manual_seed(5), thickness=1.0).sum((1, 2, 3)) / 13
+    assert ink.max() > 1.5 and ink.min() < 0.7  # dilated towards 3 columns, eroded towards none
+    assert torch.equal(translated(x, 2, torch.Generator().manual_seed(3), 15.0, 0.1),
+                       translated(x, 2, torch.Generator().manual_seed(3), 15.0, 0.1, 0.0, 0.0))

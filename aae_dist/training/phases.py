@@ -95,9 +95,12 @@ def _noisy(ctx: StepContext, z: torch.Tensor, std: float) -> torch.Tensor:
     return z + std * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=ctx.generator) if std else z
 
 
-def translated(x: torch.Tensor, shift: int, generator: torch.Generator, rotate: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+def translated(x: torch.Tensor, shift: int, generator: torch.Generator, rotate: float = 0.0, scale: float = 0.0,
+               shear: float = 0.0, thickness: float = 0.0) -> torch.Tensor:
     """Each image (N, C, H, W) moved by its own whole-pixel offset in [-shift, shift] on each axis, zeros shifted in;
-    with rotate (degrees) / scale (fraction) also turned and zoomed by its own uniform draw, bilinear."""
+    with rotate (degrees) / scale (fraction) / shear (degrees) also turned, zoomed and slanted by its own uniform
+    draw, bilinear; with thickness (0-1) its strokes thickened or thinned by up to that fraction of a 3x3 dilation
+    or erosion.  Draws for an option are made only when it is on, so adding one leaves the others' draws alone."""
     n, _, h, w = x.shape
     offsets = torch.randint(-shift, shift + 1, (n, 2), device=x.device, generator=generator).to(x.dtype)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
@@ -107,10 +110,19 @@ def translated(x: torch.Tensor, shift: int, generator: torch.Generator, rotate: 
         angle, zoom = u[:, 0] * math.radians(rotate), 1.0 + u[:, 1] * scale
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    if shear:  # x' = x + k y: the linear part times [[1, k], [0, 1]]
+        k = (torch.rand(n, device=x.device, generator=generator).to(x.dtype) * 2 - 1) * math.tan(math.radians(shear))
+        theta[:, 0, 1] = theta[:, 0, 0] * k + theta[:, 0, 1]
+        theta[:, 1, 1] = theta[:, 1, 0] * k + theta[:, 1, 1]
     theta[:, 0, 2], theta[:, 1, 2] = offsets[:, 0] * 2 / w, offsets[:, 1] * 2 / h  # grid units: 2 / size per pixel
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    mode = "bilinear" if rotate or scale else "nearest"
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    mode = "bilinear" if rotate or scale or shear else "nearest"
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if thickness:
+        t = ((torch.rand(n, device=x.device, generator=generator) * 2 - 1) * thickness).to(x.dtype).view(n, 1, 1, 1)
+        thick, thin = F.max_pool2d(out, 3, 1, 1), -F.max_pool2d(-out, 3, 1, 1)
+        out = out + t.clamp_min(0) * (thick - out) + (-t).clamp_min(0) * (thin - out)
+    return out
 
 
 def _per_sample_unit(v: torch.Tensor) -> torch.Tensor:
@@ -219,7 +231,8 @@ def reconstruction(ctx: StepContext, b: Batch, s: Settings):
 def consistency(ctx: StepContext, b: Batch, s: Settings):
     """The y of a moved copy of x learns the y of x (cluster membership should not move with the digit)."""
     target, c = _target(b, s), s.phase
-    moved = ctx.wrapped["encoder"](translated(b.x, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale),
+    moved = ctx.wrapped["encoder"](translated(b.x, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale,
+                                              c.consistency_shear, c.consistency_thickness),
                                    generator=ctx.generator)
     if c.consistency_threshold:
         value = _per_head([_pseudo_label_loss(t, logits, c.consistency_threshold) for t, logits in zip(target, moved.heads)])
