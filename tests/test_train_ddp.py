@@ -80,7 +80,7 @@ def test_resume_on_a_different_world_size_repartitions_the_epoch(tmp_path, make_
 
 def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):
     """SGD with momentum and lr steps, input noise and dropout, batch norm in the encoder (y and z
-    outputs included), widths per network, a small init, the shift/rotation-consistency and the adversarial-consistency (VAT) terms on y: trains on
+    outputs included), widths per network, a small init, the shift/rotation/shear/thickness-consistency and the adversarial-consistency (VAT) terms on y: trains on
     2 DDP workers, replicas identical
     (batch-norm running statistics included), and exact resume still holds."""
     data, _, _ = make_dataset(1000, 100)
@@ -91,7 +91,8 @@ def test_the_papers_recipe_options_on_two_workers(tmp_path, make_dataset):
                             "phases.reconstruction.decay_epochs=[1]", "phases.generator.optimizer=sgd", "phases.generator.lr=0.1",
                             "phases.generator.momentum=0.1", "phases.classification.optimizer=sgd", "phases.classification.lr=0.1",
                             "phases.reconstruction.consistency=1", "phases.reconstruction.consistency_rotate=10",
-                            "phases.reconstruction.consistency_scale=0.1", "phases.reconstruction.vat=1",
+                            "phases.reconstruction.consistency_scale=0.1", "phases.reconstruction.consistency_shear=15",
+                            "phases.reconstruction.consistency_thickness=0.5", "phases.reconstruction.vat=1",
                             "phases.reconstruction.consistency_target=clean"]
     run_processes(load_config(None, recipe + ["train.max_steps=14"]), str(tmp_path / "whole"), world=2)
     whole = read_summary(tmp_path / "whole")
