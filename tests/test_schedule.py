@@ -300,3 +300,13 @@ def test_shear_slants_and_thickness_thickens_or_thins_each_image_its_own_way():
     assert ink.max() > 1.5 and ink.min() < 0.7  # dilated towards 3 columns, eroded towards none
     assert torch.equal(translated(x, 2, torch.Generator().manual_seed(3), 15.0, 0.1),
                        translated(x, 2, torch.Generator().manual_seed(3), 15.0, 0.1, 0.0, 0.0))
+
+
+def test_max3x3_is_max_pool():
+    """The thickness move's dilation: the shifted-views maximum equals max_pool2d(3, 1, 1) exactly, borders included."""
+    import torch.nn.functional as F
+
+    from aae_dist.training.phases import _max3x3
+
+    x = torch.randn(5, 2, 9, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_max3x3(x), F.max_pool2d(x, 3, 1, 1)) and torch.equal(-_max3x3(-x), -F.max_pool2d(-x, 3, 1, 1))

@@ -120,9 +120,16 @@ def translated(x: torch.Tensor, shift: int, generator: torch.Generator, rotate: 
     out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
     if thickness:
         t = ((torch.rand(n, device=x.device, generator=generator) * 2 - 1) * thickness).to(x.dtype).view(n, 1, 1, 1)
-        thick, thin = F.max_pool2d(out, 3, 1, 1), -F.max_pool2d(-out, 3, 1, 1)
+        thick, thin = _max3x3(out), -_max3x3(-out)
         out = out + t.clamp_min(0) * (thick - out) + (-t).clamp_min(0) * (thin - out)
     return out
+
+
+def _max3x3(x: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(x, 3, stride=1, padding=1), as the maximum of shifted views: the same values, ~20x faster on a CPU."""
+    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    rows = torch.maximum(torch.maximum(p[..., :, :-2], p[..., :, 1:-1]), p[..., :, 2:])
+    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
 
 
 def _per_sample_unit(v: torch.Tensor) -> torch.Tensor:
