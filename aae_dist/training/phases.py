@@ -369,7 +369,7 @@ def classification(ctx: StepContext, b: Batch, s: Settings):
     """The supervised phase: the encoder's y (every head's, summed) learns the labels of a labelled minibatch."""
     xl, yl = ctx.labelled() if ctx.labelled is not None else (b.x, b.y)
     c = s.phase
-    if getattr(c, "moves", False):  # the labelled images moved a little: 100 labels are memorised less
+    if c.moves:  # the labelled images moved a little: 100 labels are memorised less
         xl = translated(xl, c.shift, ctx.generator, c.rotate, c.scale)
     heads = ctx.wrapped["encoder"](xl, generator=ctx.generator).heads
     known = yl >= 0
