@@ -205,6 +205,11 @@ class ReconstructionPhaseConfig(PhaseConfig):
                                                   "to its vat_neighbours-th nearest training sample (IMSAT: 0.25; batch-norm statistics "
                                                   "frozen in the VAT pass); 0: every sample gets vat_eps")
     vat_neighbours: int = Field(10, ge=1, le=1000, description="vat_alpha > 0: which nearest neighbour sets the radius (IMSAT: 10)")
+    neighbours: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of KL(y(x) || y(n)), n one of x's "
+                                                      "neighbours_k nearest training samples drawn each step (SCAN's neighbour "
+                                                      "consistency; searched once per dataset in input space, stored as "
+                                                      "neighbours.npz; 0: off)")
+    neighbours_k: int = Field(5, ge=1, le=1000, description="neighbours > 0: how many nearest training samples x's neighbour is drawn from")
     info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "
                                                 "marginal over the global batch (IMSAT's information term: confident, balanced clusters; 0: off)")
     info_mu: float = Field(4.0, ge=0, le=1e6, description="info > 0: weight of the marginal entropy against the conditional one (IMSAT: 4)")

@@ -85,7 +85,7 @@ def check_against_data(cfg: Config, m) -> None:
     if row.needs_labels and not m.labels:
         raise UserError(f"model.variant={cfg.model.variant} needs labels, but {where} has none: shard a labelled source")
     k = cfg.model.num_classes or m.num_classes
-    for option in ("consistency", "vat"):
+    for option in ("consistency", "vat", "neighbours"):
         if getattr(cfg.phases.reconstruction, option) and not row.categorical:
             raise UserError(f"phases.reconstruction.{option} needs a variant with a categorical y (clustering, semi_supervised, "
                             f"dim_reduction), not model.variant={cfg.model.variant}: set it to 0")

@@ -87,6 +87,8 @@ CASES = {
                                                    "phases.reconstruction.consistency needs a variant with a categorical y"),
     "adversarial consistency without a categorical y": (lambda w: T(w, "phases.reconstruction.vat=1"),
                                                          "phases.reconstruction.vat needs a variant with a categorical y"),
+    "neighbour consistency without a categorical y": (lambda w: T(w, "phases.reconstruction.neighbours=1"),
+                                                       "phases.reconstruction.neighbours needs a variant with a categorical y"),
     "prior that ignores labels with the label-regularised variant": (
         lambda w: T(w, "model.variant=label_regularized", "prior.kind=gaussian"), "prior.kind=gaussian ignores labels"),
     "prior incompatible with variant": (lambda w: T(w, "model.variant=label_regularized", "model.latent_dim=2", "prior.kind=mixture",

@@ -166,6 +166,92 @@ def test_imsat_terms_on_two_workers_stay_identical_and_resume_exactly(tmp_path, 
         assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
 
 
+# ---- neighbour consistency (SCAN) --------------------------------------------------------------------
+
+def brute_force_nearest(x: np.ndarray, k: int) -> np.ndarray:
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return np.argsort(d, 1, kind="stable")[:, :k]
+
+
+def test_neighbour_positions_match_a_brute_force_search_and_the_table_draws_only_among_them():
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.random((300, 1, 4, 4), dtype=np.float32))
+    keys, positions, pick = neighbours.neighbour_positions(_batches(x, 64), 300, k=5, seed=0, chunk=50)
+    assert np.array_equal(pick, np.arange(300)) and positions.shape == (300, 5)
+    want = brute_force_nearest(x.flatten(1).double().numpy(), 5)
+    table = neighbours.NeighbourTable(keys, positions, x, "cpu")
+    flat = x.flatten(1)
+    perm = rng.permutation(300)
+    got = table(x[perm], torch.Generator().manual_seed(0)).flatten(1)
+    for row, i in zip(got, perm):  # each drawn image is one of that sample's 5 nearest, never itself
+        match = (flat == row).all(1).nonzero().squeeze(1).tolist()
+        assert len(match) == 1 and match[0] in set(want[i]) and match[0] != i
+    draws = torch.stack([table(x[:1], torch.Generator().manual_seed(s)) for s in range(40)]).flatten(1)
+    assert len({tuple(r.tolist()) for r in draws}) > 1  # a fresh neighbour each draw, not always the nearest
+    stranger = torch.full((1, 1, 4, 4), 7.0)
+    assert torch.equal(table(stranger, torch.Generator().manual_seed(0)), stranger)  # not in the table: itself
+
+
+def test_neighbour_positions_on_a_sample_for_large_data_are_the_nearest_in_that_sample():
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random((600, 8), dtype=np.float32))
+    keys, positions, pick = neighbours.neighbour_positions(_batches(x, 100), 600, k=3, seed=0, limit=200)
+    assert len(pick) == 200 and np.all(np.diff(pick) > 0) and positions.max() < 200
+    order = np.argsort(neighbours.fingerprint(x).numpy(), kind="stable")
+    assert np.array_equal(keys, neighbours.fingerprint(x).numpy()[order])
+    ref = x[pick].double().numpy()
+    for i in range(0, 600, 37):
+        d = np.sqrt(((ref - x[i].double().numpy()) ** 2).sum(1))
+        if i in set(pick):
+            d[np.searchsorted(pick, i)] = np.inf  # itself left out
+        assert set(positions[np.searchsorted(keys, neighbours.fingerprint(x[i : i + 1]).numpy()[0])]) == set(np.argsort(d)[:3])
+
+
+NEIGHBOURS = ["model.variant=clustering", f"model.num_classes={K}", "train.parzen_samples=0", "phases.reconstruction.neighbours=1.0",
+              "phases.reconstruction.neighbours_k=3"]
+
+
+def test_neighbour_term_on_two_workers_stays_identical_and_resumes_exactly(tmp_path, make_dataset):
+    data, _, _ = make_dataset(400, 100)
+    base = SMALL_MODEL + NEIGHBOURS + [f"data.path={data}", "train.checkpoint_every=5"]
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
+    table = tmp_path / "split" / "neighbours.npz"
+    stamp = table.stat().st_mtime_ns
+    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
+    whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
+    assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    assert table.stat().st_mtime_ns == stamp  # reused on resume, not recomputed
+    with np.load(table, allow_pickle=False) as f:
+        assert f["positions"].shape == (400, 3) and f["keys"].dtype == np.int64
+    off = tmp_path / "off"
+    run_processes(load_config(None, base + ["train.max_steps=10", "phases.reconstruction.neighbours=0"]), str(off), world=2)
+    assert read_summary(off)["replica_fingerprints"] != whole["replica_fingerprints"]  # the term changed the training
+
+
+def test_a_damaged_neighbour_table_is_one_line_and_keeps_the_checkpoint(tmp_path, make_dataset, capsys):
+    from aae_dist.cli import main
+
+    data, _, _ = make_dataset(200, 50)
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path), "--name", "r", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + NEIGHBOURS + ["train.checkpoint_every=2"]:
+        argv += ["--set", s]
+    assert main(argv + ["--set", "train.max_steps=2"]) == 0
+    (tmp_path / "r" / "neighbours.npz").write_bytes(b"not an npz")
+    before = {k: v for k, v in tree_digest(tmp_path / "r").items() if k != "config.json"}  # a resume records its own config
+    capsys.readouterr()
+    assert main(argv + ["--set", "train.max_steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neighbours.npz is not a valid neighbour table" in err[0] and "delete it and resume" in err[0]
+    assert {k: v for k, v in tree_digest(tmp_path / "r").items() if k != "config.json"} == before  # checkpoints and all else kept
+
+
 # ---- fair baselines ----------------------------------------------------------------------------
 
 def test_autoencoder_kmeans_baseline_in_summary_and_eval(tmp_path, make_dataset):

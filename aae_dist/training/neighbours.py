@@ -1,7 +1,8 @@
-"""Adaptive VAT radius: each training sample's distance to its k-th nearest training sample, computed once
-per dataset and stored in the run folder (`vat_radius.npz`, plain arrays, no pickle), so a resumed run
-reuses it.  The data stream yields no sample index, so samples are found again by a fingerprint of their
-(normalised) values: an exact integer hash of the float bits, the same on every device and batch."""
+"""Nearest training samples, computed once per dataset and stored in the run folder (plain arrays, no
+pickle), so a resumed run reuses them: each sample's distance to its k-th nearest training sample (the
+adaptive VAT radius, `vat_radius.npz`) and the positions of its k nearest (the neighbour term,
+`neighbours.npz`).  The data stream yields no sample index, so samples are found again by a fingerprint of
+their (normalised) values: an exact integer hash of the float bits, the same on every device and batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .. import storage
 from ..errors import UserError
 
 FILE = "vat_radius.npz"
+NEIGHBOUR_FILE = "neighbours.npz"
 EXACT_LIMIT = 20_000  # up to this many samples the search is exact; above, neighbours come from a sample of this size
 
 
@@ -25,24 +27,31 @@ def fingerprint(x: torch.Tensor) -> torch.Tensor:
     return (bits * w).sum(1)
 
 
-def kth_distances(chunk: torch.Tensor, reference: torch.Tensor, k: int, self_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean distance of each row of chunk to its k-th nearest row of reference; self_index[i] (or -1)
-    is row i's own position in reference, left out of its search."""
+def nearest(chunk: torch.Tensor, reference: torch.Tensor, k: int, self_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distances, positions) of the k nearest rows of reference to each row of chunk, nearest first;
+    self_index[i] (or -1) is row i's own position in reference, left out of its search."""
     sq = ((chunk**2).sum(1, keepdim=True) + (reference**2).sum(1)[None] - 2 * chunk @ reference.T).clamp_min(0)
     if self_index is not None:
         own = self_index >= 0
         sq[own.nonzero().squeeze(1), self_index[own]] = float("inf")
-    return sq.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+    values, positions = sq.topk(k, dim=1, largest=False)
+    return values.sqrt(), positions
 
 
-def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(fingerprints, radii, facts) for the n samples `batches()` yields (a fresh iterator per call, same
-    order each time).  n <= limit: exact, against every other sample.  Above: against a seeded random
-    reference of `limit` samples with k scaled by limit / n (the k-th neighbour among n is about the
-    (k limit / n)-th among a uniform sample of limit), so the cost is n x limit, not n^2."""
-    exact = n <= limit
-    pick = np.arange(n) if exact else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
-    k_used = k if exact else max(1, round(k * limit / n))
+def kth_distances(chunk: torch.Tensor, reference: torch.Tensor, k: int, self_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Euclidean distance of each row of chunk to its k-th nearest row of reference (self_index: as nearest)."""
+    return nearest(chunk, reference, k, self_index)[0][:, -1]
+
+
+def reference_rows(n: int, seed: int, limit: int = EXACT_LIMIT) -> np.ndarray:
+    """Which of the n training samples the search compares against: all of them up to `limit`, else a
+    seeded random `limit` of them (sorted), so the cost is n x limit, not n^2."""
+    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int):
+    """(sorted fingerprints, distances (n, k), positions in the reference (n, k)) of every sample's k nearest
+    reference samples, itself left out; batches() yields the n samples in the same order each call."""
     where = np.full(n, -1, dtype=np.int64)
     where[pick] = np.arange(len(pick))
     reference, seen = [], 0
@@ -52,19 +61,47 @@ def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk:
         reference.append(x.flatten(1).double()[torch.from_numpy(keep)])
         seen += len(x)
     reference = torch.cat(reference)
-    if len(reference) <= k_used:
-        raise UserError(f"phases.reconstruction.vat_neighbours={k} needs more than {k_used} training samples, the data has {n}: lower it")
-    keys, radii, seen = [], [], 0
+    if len(reference) <= k:
+        return None
+    keys, dist, pos, seen = [], [], [], 0
     for x in batches():
         flat = x.flatten(1).double()
         for i in range(0, len(flat), chunk):
             rows = np.arange(seen + i, seen + i + len(flat[i : i + chunk]))
-            radii.append(kth_distances(flat[i : i + chunk], reference, k_used, torch.from_numpy(where[rows])))
+            d, p = nearest(flat[i : i + chunk], reference, k, torch.from_numpy(where[rows]))
+            dist.append(d)
+            pos.append(p)
         keys.append(fingerprint(x))
         seen += len(x)
-    keys, radii = torch.cat(keys).numpy(), torch.cat(radii).float().numpy()
+    keys = torch.cat(keys).numpy()
     order = np.argsort(keys, kind="stable")
-    return keys[order], radii[order], {"exact": exact, "k": k, "k_used": k_used, "reference": len(reference), "samples": n}
+    return keys[order], torch.cat(dist).numpy()[order], torch.cat(pos).numpy()[order]
+
+
+def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(fingerprints, radii, facts) for the n samples `batches()` yields (a fresh iterator per call, same
+    order each time).  n <= limit: exact, against every other sample.  Above: against a seeded random
+    reference of `limit` samples with k scaled by limit / n (the k-th neighbour among n is about the
+    (k limit / n)-th among a uniform sample of limit)."""
+    pick = reference_rows(n, seed, limit)
+    exact = len(pick) == n
+    k_used = k if exact else max(1, round(k * limit / n))
+    found = _search(batches, n, k_used, pick, chunk)
+    if found is None:
+        raise UserError(f"phases.reconstruction.vat_neighbours={k} needs more than {k_used} training samples, the data has {n}: lower it")
+    keys, dist, _ = found
+    return keys, dist[:, -1].astype(np.float32), {"exact": exact, "k": k, "k_used": k_used, "reference": len(pick), "samples": n}
+
+
+def neighbour_positions(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted fingerprints, positions (n, k) of each sample's k nearest in the reference, the reference's
+    rows among the n): exact up to `limit` samples; above, the k nearest within a seeded sample of `limit`."""
+    pick = reference_rows(n, seed, limit)
+    found = _search(batches, n, k, pick, chunk)
+    if found is None:
+        raise UserError(f"phases.reconstruction.neighbours_k={k} needs more than {k} training samples, the data has {n}: lower it")
+    keys, _, pos = found
+    return keys, pos.astype(np.int64), pick
 
 
 class RadiusTable:
@@ -100,3 +137,46 @@ def from_bytes(data: bytes, url: str) -> tuple[np.ndarray, np.ndarray]:
     if not ok:
         raise UserError(f"{storage.redact(url)} is not a valid VAT radius table: delete it and resume (it is recomputed)")
     return keys, radii
+
+
+class NeighbourTable:
+    """neighbour(x, generator): for each sample, one of its k nearest training samples drawn at random (the
+    reference images live on the device); a sample not in the table (never, for training batches) is its own."""
+
+    def __init__(self, keys: np.ndarray, positions: np.ndarray, reference: torch.Tensor, device):
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys)).to(device)
+        self.positions = torch.from_numpy(np.ascontiguousarray(positions)).to(device)
+        self.reference = reference.to(device)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        f = fingerprint(x)
+        pos = torch.searchsorted(self.keys, f).clamp_max(len(self.keys) - 1)
+        column = torch.randint(0, self.positions.shape[1], (len(x),), device=x.device, generator=generator)
+        found = self.reference[self.positions[pos, column]].to(x.dtype)
+        hit = (self.keys[pos] == f).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(hit, found, x)
+
+
+def neighbours_to_bytes(keys: np.ndarray, positions: np.ndarray, pick: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, keys=keys, positions=positions, pick=pick)
+    return buf.getvalue()
+
+
+def neighbours_from_bytes(data: bytes, url: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored neighbour table, checked against the n training samples it must describe."""
+    def bad(why: str):
+        return UserError(f"{storage.redact(url)} is not a valid neighbour table ({why}): delete it and resume (it is recomputed)")
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            keys, positions, pick = f["keys"], f["positions"], f["pick"]
+    except (ValueError, KeyError, OSError) as exc:
+        raise bad(str(exc)) from None
+    ok = (keys.dtype == np.int64 and positions.dtype == np.int64 and pick.dtype == np.int64 and keys.ndim == 1
+          and positions.ndim == 2 and len(keys) == len(positions) == n and pick.ndim == 1 and len(pick)
+          and np.all(np.diff(keys) >= 0) and np.all(np.diff(pick) > 0) and pick[0] >= 0 and pick[-1] < n
+          and positions.min(initial=0) >= 0 and positions.max(initial=0) < len(pick))
+    if not ok:
+        raise bad(f"not {n} sorted keys with positions into a sorted reference")
+    return keys, positions, pick

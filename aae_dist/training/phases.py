@@ -32,6 +32,7 @@ class StepContext:
     generator: torch.Generator
     labelled: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # a labelled minibatch (few-label runs)
     radius: Callable[[torch.Tensor], torch.Tensor] | None = None  # adaptive VAT: each sample's k-th neighbour distance
+    neighbour: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None  # one of each sample's nearest training samples
 
     @property
     def plain(self) -> dict[str, nn.Module]:
@@ -262,6 +263,14 @@ def vat(ctx: StepContext, b: Batch, s: Settings):
     """So does the y of x + the small perturbation that would move it most (vat_alpha: per-sample radii)."""
     kl_v = _vat_term(ctx, b.x, _target(b, s), s.phase.vat_eps, s.phase.vat_alpha)
     return kl_v, {"vat": kl_v.detach()}
+
+
+@term("reconstruction", weight="neighbours", stats=("neighbours",))
+def neighbours(ctx: StepContext, b: Batch, s: Settings):
+    """The y of one of x's nearest training samples learns the y of x (SCAN): nearby samples share a cluster, which
+    links the digits the moves and VAT's small perturbations cannot reach from one another."""
+    kl_n = _kl_heads(_target(b, s), ctx.wrapped["encoder"](ctx.neighbour(b.x, ctx.generator), generator=ctx.generator))
+    return kl_n, {"neighbours": kl_n.detach()}
 
 
 @term("reconstruction", weight="info", stats=("entropy_y", "entropy_mean_y"))

@@ -96,7 +96,7 @@ class Trainer:
 
     def _build_context(self) -> StepContext:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
-        return StepContext(self.wrapped, self.aae, self.generator, labelled, radius=self._vat_radius())
+        return StepContext(self.wrapped, self.aae, self.generator, labelled, radius=self._vat_radius(), neighbour=self._neighbour_table())
 
     def _build_coordinator(self) -> Coordinator:
         if len(self.train_data) < self.micro:
@@ -149,16 +149,43 @@ class Trainer:
         if storage.exists(url):
             keys, radii = neighbours.from_bytes(storage.read_bytes(url), url)
         else:
-            d = self.cfg.data
-            stream = ShardStream(d.path, "train", 1000, shuffle=False, cache_dir=d.cache_dir, manifest=self.manifest)
-
-            def batches():
-                return (self.aae.normalise(x).cpu() for x, _ in stream.iter_epoch(0))
-
-            keys, radii, facts = neighbours.compute(batches, self.manifest.splits["train"].count, rc.vat_neighbours, self.cfg.train.seed)
+            keys, radii, facts = neighbours.compute(self._training_samples, self.manifest.splits["train"].count, rc.vat_neighbours,
+                                                    self.cfg.train.seed)
             if self.rank == 0:
                 storage.write_bytes_atomic(url, neighbours.to_bytes(keys, radii, facts))
         return neighbours.RadiusTable(keys, radii, self.device)
+
+    def _training_samples(self):
+        """Every training sample once, normalised, in the dataset's stored order (the same on every rank)."""
+        d = self.cfg.data
+        stream = ShardStream(d.path, "train", 1000, shuffle=False, cache_dir=d.cache_dir, manifest=self.manifest)
+        return (self.aae.normalise(x).cpu() for x, _ in stream.iter_epoch(0))
+
+    def _neighbour_table(self):
+        """The neighbour term (phases.reconstruction.neighbours): each training sample's nearest training samples,
+        read from the run folder, else searched (every rank alike, deterministic) and written by rank 0; the
+        reference images themselves are read again from the data (they are the data)."""
+        rc = self.cfg.phases.reconstruction
+        if not rc.neighbours:
+            return None
+        from . import neighbours
+        from .. import storage
+
+        n = self.manifest.splits["train"].count
+        url = storage.join(self.session.run_url, neighbours.NEIGHBOUR_FILE)
+        if storage.exists(url):
+            keys, positions, pick = neighbours.neighbours_from_bytes(storage.read_bytes(url), url, n)
+        else:
+            keys, positions, pick = neighbours.neighbour_positions(self._training_samples, n, rc.neighbours_k, self.cfg.train.seed)
+            if self.rank == 0:
+                storage.write_bytes_atomic(url, neighbours.neighbours_to_bytes(keys, positions, pick))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.from_numpy(pick)] = True
+        rows, seen = [], 0
+        for x in self._training_samples():
+            rows.append(x[keep[seen : seen + len(x)]])
+            seen += len(x)
+        return neighbours.NeighbourTable(keys, positions, torch.cat(rows), self.device)
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
