@@ -210,6 +210,8 @@ class ReconstructionPhaseConfig(PhaseConfig):
                                                       "consistency; searched once per dataset in input space, stored as "
                                                       "neighbours.npz; 0: off)")
     neighbours_k: int = Field(5, ge=1, le=1000, description="neighbours > 0: how many nearest training samples x's neighbour is drawn from")
+    neighbours_moved: bool = Field(False, description="neighbours > 0: the neighbour is also moved as the consistency term's copies are "
+                                                "(consistency_shift / rotate / scale / shear / thickness; images only)")
     info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "
                                                 "marginal over the global batch (IMSAT's information term: confident, balanced clusters; 0: off)")
     info_mu: float = Field(4.0, ge=0, le=1e6, description="info > 0: weight of the marginal entropy against the conditional one (IMSAT: 4)")

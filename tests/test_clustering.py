@@ -212,6 +212,42 @@ def test_neighbour_positions_on_a_sample_for_large_data_are_the_nearest_in_that_
         assert set(positions[np.searchsorted(keys, neighbours.fingerprint(x[i : i + 1]).numpy()[0])]) == set(np.argsort(d)[:3])
 
 
+def test_neighbour_term_is_the_kl_to_the_neighbours_y_and_moves_the_neighbour_only_when_asked():
+    """The term's value is KL(y(x) || y(n)) for the neighbour the table hands out (here: the batch reversed);
+    neighbours_moved moves n first (another value on the same seed); table rows cannot be moved: one line."""
+    import torch.nn.functional as F
+
+    from aae_dist.errors import UserError
+    from aae_dist.models import AAE
+    from aae_dist.preflight import check_against_data
+    from aae_dist.training.phases import StepContext, build_phases
+
+    def term_value(*extra):
+        cfg = load_config(None, ["model.variant=clustering", "model.num_classes=4", "model.hidden=[16]", "model.disc_hidden=[8]",
+                                 "model.latent_dim=2", "phases.reconstruction.neighbours=1", *extra])
+        torch.manual_seed(0)
+        aae = AAE(cfg.model, cfg.prior, (1, 8, 8), "uint8", 4).eval()
+        x = torch.rand(6, 1, 8, 8)
+        ctx = StepContext(dict(aae.nets), aae, torch.Generator().manual_seed(0), neighbour=lambda v, g: v.flip(0))
+        rec = [p for p in build_phases(cfg.phases, cfg.model) if p.name == "reconstruction"][0]
+        with torch.no_grad():
+            got = float(rec.loss(ctx, x, torch.zeros(6, dtype=torch.long))[1]["neighbours"])
+            want = F.kl_div(F.log_softmax(aae.nets["encoder"](x.flip(0)).y_logits, 1), torch.softmax(aae.nets["encoder"](x).y_logits, 1),
+                            reduction="batchmean")
+        return got, float(want), cfg
+
+    got, want, _ = term_value()
+    assert got == pytest.approx(want, rel=1e-5) and got > 0
+    moved, _, cfg = term_value("phases.reconstruction.neighbours_moved=true", "phases.reconstruction.consistency_rotate=30")
+    assert moved != pytest.approx(got, rel=1e-3)
+
+    class Rows:  # what a table's manifest says: samples are flat rows
+        labels, num_classes, shape = True, 4, (12,)
+
+    with pytest.raises(UserError, match=r"phases.reconstruction.neighbours_moved moves images.*set it to false"):
+        check_against_data(cfg, Rows())
+
+
 NEIGHBOURS = ["model.variant=clustering", f"model.num_classes={K}", "train.parzen_samples=0", "phases.reconstruction.neighbours=1.0",
               "phases.reconstruction.neighbours_k=3"]
 

@@ -269,7 +269,11 @@ def vat(ctx: StepContext, b: Batch, s: Settings):
 def neighbours(ctx: StepContext, b: Batch, s: Settings):
     """The y of one of x's nearest training samples learns the y of x (SCAN): nearby samples share a cluster, which
     links the digits the moves and VAT's small perturbations cannot reach from one another."""
-    kl_n = _kl_heads(_target(b, s), ctx.wrapped["encoder"](ctx.neighbour(b.x, ctx.generator), generator=ctx.generator))
+    c, n = s.phase, ctx.neighbour(b.x, ctx.generator)
+    if c.neighbours_moved:
+        n = translated(n, c.consistency_shift, ctx.generator, c.consistency_rotate, c.consistency_scale, c.consistency_shear,
+                       c.consistency_thickness)
+    kl_n = _kl_heads(_target(b, s), ctx.wrapped["encoder"](n, generator=ctx.generator))
     return kl_n, {"neighbours": kl_n.detach()}
 
 
