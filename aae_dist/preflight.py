@@ -92,9 +92,13 @@ def check_against_data(cfg: Config, m) -> None:
     if cfg.phases.reconstruction.consistency and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.consistency translates images, but samples of {where} are "
                         f"shaped {tuple(m.shape)}, not (channels, height, width): set it to 0")
-    if cfg.phases.reconstruction.neighbours and cfg.phases.reconstruction.neighbours_moved and len(m.shape) != 3:
+    rc = cfg.phases.reconstruction
+    if rc.neighbours and rc.neighbours_moved and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.neighbours_moved moves images, but samples of {where} are "
                         f"shaped {tuple(m.shape)}, not (channels, height, width): set it to false")
+    if rc.neighbours and rc.neighbours_space == "deskewed" and len(m.shape) != 3:
+        raise UserError(f"phases.reconstruction.neighbours_space=deskewed deskews images, but samples of {where} are "
+                        f"shaped {tuple(m.shape)}, not (channels, height, width): set it to input")
     c = cfg.phases.classification
     if c.moves and len(m.shape) != 3:
         moved = ", ".join(f"phases.classification.{k}" for k in ("shift", "rotate", "scale") if getattr(c, k))

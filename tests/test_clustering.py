@@ -246,6 +246,31 @@ def test_neighbour_term_is_the_kl_to_the_neighbours_y_and_moves_the_neighbour_on
 
     with pytest.raises(UserError, match=r"phases.reconstruction.neighbours_moved moves images.*set it to false"):
         check_against_data(cfg, Rows())
+    _, _, cfg = term_value("phases.reconstruction.neighbours_space=deskewed")
+    with pytest.raises(UserError, match=r"phases.reconstruction.neighbours_space=deskewed deskews images.*set it to input"):
+        check_against_data(cfg, Rows())
+
+
+def test_deskewing_makes_a_slanted_bar_upright_and_centred_and_the_search_keys_stay_the_inputs():
+    from aae_dist.training import neighbours
+
+    x = torch.zeros(3, 1, 20, 20)
+    for r in range(4, 16):  # a bar slanted by 0.5 columns per row, off centre; one upright; one blank image
+        x[0, 0, r, 3 + r // 2] = 1.0
+        x[1, 0, r, 9] = 1.0
+    out = neighbours.deskewed(x)
+
+    def column_spread(img):
+        cols = img[0].sum(0)
+        c = torch.arange(len(cols), dtype=torch.float32)
+        mean = (cols * c).sum() / cols.sum()
+        return float(((cols * (c - mean) ** 2).sum() / cols.sum()).sqrt()), float(mean)
+
+    spread, centre = column_spread(out[0])
+    assert column_spread(x[0])[0] > 1.5 and spread < 0.6 and abs(centre - 9.5) < 0.6
+    assert torch.allclose(out[0].sum(), x[0].sum(), rtol=0.1) and torch.equal(out[2], x[2])
+    keys, _, _ = neighbours.neighbour_positions(_batches(x, 2), 3, k=1, seed=0, space=neighbours.deskewed)
+    assert np.array_equal(keys, np.sort(neighbours.fingerprint(x).numpy()))  # found again by the input's own values
 
 
 NEIGHBOURS = ["model.variant=clustering", f"model.num_classes={K}", "train.parzen_samples=0", "phases.reconstruction.neighbours=1.0",

@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import storage
 from ..errors import UserError
@@ -43,29 +44,56 @@ def kth_distances(chunk: torch.Tensor, reference: torch.Tensor, k: int, self_ind
     return nearest(chunk, reference, k, self_index)[0][:, -1]
 
 
+def deskewed(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) with their slant removed and their centre of mass moved to the middle, by each image's
+    own second moments (the classic deskewing of handwriting before a nearest-neighbour search: the same digit
+    written at two slants lands close).  A blank image stays as it is."""
+    n, _, h, w = x.shape
+    ink = x.float().sum(1).clamp_min(0)  # (N, H, W)
+    mass = ink.sum((1, 2)).clamp_min(1e-12)
+    rows = torch.arange(h, dtype=torch.float32, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, dtype=torch.float32, device=x.device).view(1, 1, w)
+    cy, cx = (ink * rows).sum((1, 2)) / mass, (ink * cols).sum((1, 2)) / mass
+    var_y = (ink * (rows - cy.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass
+    cov = (ink * (rows - cy.view(-1, 1, 1)) * (cols - cx.view(-1, 1, 1))).sum((1, 2)) / mass
+    slant = torch.where(var_y > 1e-6, cov / var_y.clamp_min(1e-6), torch.zeros_like(cov))  # columns per row
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 1] = slant * h / w  # the output's row yo reads the input's column cx + slant x (row - cy)
+    theta[:, 0, 2] = (2 * cx + 1) / w - 1
+    theta[:, 1, 2] = (2 * cy + 1) / h - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    blank = (x.float().flatten(1).abs().sum(1) == 0).view(-1, 1, 1, 1)
+    return torch.where(blank, x.float(), out).to(x.dtype)
+
+
 def reference_rows(n: int, seed: int, limit: int = EXACT_LIMIT) -> np.ndarray:
     """Which of the n training samples the search compares against: all of them up to `limit`, else a
     seeded random `limit` of them (sorted), so the cost is n x limit, not n^2."""
     return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int):
+def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int, space=None):
     """(sorted fingerprints, distances (n, k), positions in the reference (n, k)) of every sample's k nearest
-    reference samples, itself left out; batches() yields the n samples in the same order each call."""
+    reference samples, itself left out; batches() yields the n samples in the same order each call.  space:
+    what the distances are measured on (a function of a batch; None: the samples themselves); the fingerprints
+    are always of the samples as they are."""
+    space = space or (lambda x: x)
     where = np.full(n, -1, dtype=np.int64)
     where[pick] = np.arange(len(pick))
     reference, seen = [], 0
     for x in batches():
         rows = np.arange(seen, seen + len(x))
         keep = where[rows] >= 0
-        reference.append(x.flatten(1).double()[torch.from_numpy(keep)])
+        reference.append(space(x).flatten(1).double()[torch.from_numpy(keep)])
         seen += len(x)
     reference = torch.cat(reference)
     if len(reference) <= k:
         return None
     keys, dist, pos, seen = [], [], [], 0
     for x in batches():
-        flat = x.flatten(1).double()
+        flat = space(x).flatten(1).double()
         for i in range(0, len(flat), chunk):
             rows = np.arange(seen + i, seen + i + len(flat[i : i + chunk]))
             d, p = nearest(flat[i : i + chunk], reference, k, torch.from_numpy(where[rows]))
@@ -93,11 +121,13 @@ def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk:
     return keys, dist[:, -1].astype(np.float32), {"exact": exact, "k": k, "k_used": k_used, "reference": len(pick), "samples": n}
 
 
-def neighbour_positions(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbour_positions(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000,
+                        space=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted fingerprints, positions (n, k) of each sample's k nearest in the reference, the reference's
-    rows among the n): exact up to `limit` samples; above, the k nearest within a seeded sample of `limit`."""
+    rows among the n): exact up to `limit` samples; above, the k nearest within a seeded sample of `limit`.
+    space: what the distances are measured on (e.g. `deskewed`; None: the samples as they are)."""
     pick = reference_rows(n, seed, limit)
-    found = _search(batches, n, k, pick, chunk)
+    found = _search(batches, n, k, pick, chunk, space)
     if found is None:
         raise UserError(f"phases.reconstruction.neighbours_k={k} needs more than {k} training samples, the data has {n}: lower it")
     keys, _, pos = found

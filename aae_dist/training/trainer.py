@@ -176,7 +176,9 @@ class Trainer:
         if storage.exists(url):
             keys, positions, pick = neighbours.neighbours_from_bytes(storage.read_bytes(url), url, n)
         else:
-            keys, positions, pick = neighbours.neighbour_positions(self._training_samples, n, rc.neighbours_k, self.cfg.train.seed)
+            space = neighbours.deskewed if rc.neighbours_space == "deskewed" else None
+            keys, positions, pick = neighbours.neighbour_positions(self._training_samples, n, rc.neighbours_k, self.cfg.train.seed,
+                                                                   space=space)
             if self.rank == 0:
                 storage.write_bytes_atomic(url, neighbours.neighbours_to_bytes(keys, positions, pick))
         keep = torch.zeros(n, dtype=torch.bool)
