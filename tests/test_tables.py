@@ -428,6 +428,33 @@ def test_clustering_on_a_table_reports_segments_and_never_writes_a_segment_as_th
     assert "\n" not in err and "segment number 0 to 5" in err, err
 
 
+def test_segments_of_a_table_with_the_neighbour_term_search_the_rows_themselves(tables, monkeypatch):
+    """phases.reconstruction.neighbours on table rows: the nearest rows are searched in the encoded feature space
+    (every training row has its k nearest, and every row a step reads is found in the table: none falls back to
+    itself), and the run trains and reports segments as without it."""
+    import torch
+
+    from aae_dist.training import neighbours
+
+    found, draw = [], neighbours.NeighbourTable.__call__
+
+    def counting(self, x, generator):
+        f = neighbours.fingerprint(x)
+        found.append(bool(torch.isin(f, self.keys).all()))
+        return draw(self, x, generator)
+
+    monkeypatch.setattr(neighbours.NeighbourTable, "__call__", counting)
+    root, _ = tables
+    assert main(train_argv(root, "segments_nb", root / "ds", "model.variant=clustering", "model.num_classes=6", "train.max_steps=20",
+                           "phases.reconstruction.neighbours=1", "phases.reconstruction.neighbours_k=4")) == 0
+    m = read_summary(root / "runs" / "segments_nb")["metrics"]
+    assert 0 <= m["cluster_error"] <= 1 and 1 <= m["clusters_used"] <= 6
+    with np.load(root / "runs" / "segments_nb" / "neighbours.npz", allow_pickle=False) as f:
+        positions, keys = f["positions"], f["keys"]
+    assert positions.shape == (len(keys), 4) and len(np.unique(keys)) == len(keys)
+    assert len(found) == 20 and all(found)  # every row of every step found again by its own values
+
+
 def test_parquet_is_read_row_group_by_row_group_in_chunks_and_in_order(tmp_path):
     """shard's reader takes one row group at a time (iter_batches over a whole file held memory growing with the
     file: benchmarks/bench_tables.py memory), in batches of at most the chunk, every row once, in the file's order."""
