@@ -128,7 +128,7 @@ def test_parzen_sigma_is_chosen_on_a_validation_split_never_trained_on(tmp_path)
 
 def test_short_clustering_run_beats_kmeans_on_pixels(tmp_path, digits_url):
     """The jobs/cpu clustering recipe (batch norm on the y head, input noise and dropout, fast adversarial
-    phases), shrunk to 600 steps of 512-unit networks: its clusters are purer than k-means' on raw pixels,
+    phases, the consistency, VAT and neighbour terms), shrunk to 600 steps of 512-unit networks: its clusters are purer than k-means' on raw pixels,
     both scored by majority vote on the same held-out digits (the baseline is computed in the same run)."""
     import os
 
@@ -137,5 +137,6 @@ def test_short_clustering_run_beats_kmeans_on_pixels(tmp_path, digits_url):
                              "model.hidden=[512,512]", "model.disc_hidden=[512,512]"])
     s = train_in_process(cfg, str(tmp_path / "run"))
     m, b = s["metrics"], s["baselines"]
-    assert m["clusters_used"] >= 12 and b["kmeans_clusters_used"] >= 12
+    # at least a cluster per digit (the neighbour term pulls the easy digits' second clusters in: 11-15 of 16 used on 2,250 digits)
+    assert m["clusters_used"] >= 10 and b["kmeans_clusters_used"] >= 12, (m, b)
     assert m["cluster_error_majority"] < b["kmeans_cluster_error_majority"] - 0.02, (m, b)
