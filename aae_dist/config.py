@@ -207,8 +207,8 @@ class ReconstructionPhaseConfig(PhaseConfig):
     vat_neighbours: int = Field(10, ge=1, le=1000, description="vat_alpha > 0: which nearest neighbour sets the radius (IMSAT: 10)")
     neighbours: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of KL(y(x) || y(n)), n one of x's "
                                                       "neighbours_k nearest training samples drawn each step (SCAN's neighbour "
-                                                      "consistency; searched once per dataset in input space, stored as "
-                                                      "neighbours.npz; 0: off)")
+                                                      "consistency; searched once per dataset, in neighbours_space, stored "
+                                                      "as neighbours.npz in the run folder; 0: off)")
     neighbours_k: int = Field(5, ge=1, le=1000, description="neighbours > 0: how many nearest training samples x's neighbour is drawn from")
     neighbours_space: Literal["input", "deskewed"] = Field("input", description="neighbours > 0: where the nearest samples are searched: "
                                                            "the input as it is, or images deskewed (slant and centre of "

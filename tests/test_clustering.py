@@ -150,18 +150,26 @@ IMSAT = ["model.variant=clustering", f"model.num_classes={K}", "model.batch_norm
          "phases.reconstruction.info=0.1"]
 
 
-def test_imsat_terms_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
-    data, _, _ = make_dataset(400, 100)
-    base = SMALL_MODEL + IMSAT + [f"data.path={data}", "train.checkpoint_every=5"]
+def two_workers_whole_and_resumed(tmp_path, base: list[str], table_file: str):
+    """The same 10 steps on 2 workers in one go and as 5 + 5 with a resume: replicas identical, the resumed run
+    bitwise the whole one, and the run folder's table (table_file) written once and reused on resume, not
+    recomputed.  Returns the whole run's summary and the table's path."""
     run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
     run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
-    table = tmp_path / "split" / "vat_radius.npz"
+    table = tmp_path / "split" / table_file
     stamp = table.stat().st_mtime_ns
     run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
     whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
     assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
     assert split["replica_fingerprints"] == whole["replica_fingerprints"]
-    assert table.stat().st_mtime_ns == stamp  # reused on resume, not recomputed
+    assert table.stat().st_mtime_ns == stamp
+    return whole, table
+
+
+def test_imsat_terms_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
+    data, _, _ = make_dataset(400, 100)
+    _, table = two_workers_whole_and_resumed(tmp_path, SMALL_MODEL + IMSAT + [f"data.path={data}", "train.checkpoint_every=5"],
+                                             "vat_radius.npz")
     with np.load(table, allow_pickle=False) as f:
         assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
 
@@ -280,15 +288,7 @@ NEIGHBOURS = ["model.variant=clustering", f"model.num_classes={K}", "train.parze
 def test_neighbour_term_on_two_workers_stays_identical_and_resumes_exactly(tmp_path, make_dataset):
     data, _, _ = make_dataset(400, 100)
     base = SMALL_MODEL + NEIGHBOURS + [f"data.path={data}", "train.checkpoint_every=5"]
-    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
-    run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
-    table = tmp_path / "split" / "neighbours.npz"
-    stamp = table.stat().st_mtime_ns
-    run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
-    whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
-    assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
-    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
-    assert table.stat().st_mtime_ns == stamp  # reused on resume, not recomputed
+    whole, table = two_workers_whole_and_resumed(tmp_path, base, "neighbours.npz")
     with np.load(table, allow_pickle=False) as f:
         assert f["positions"].shape == (400, 3) and f["keys"].dtype == np.int64
     off = tmp_path / "off"
