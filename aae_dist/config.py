@@ -193,7 +193,7 @@ class ReconstructionPhaseConfig(PhaseConfig):
     consistency_shear: float = Field(0.0, ge=0, le=60, description="largest slant (shear) in degrees, per sample (consistency > 0)")
     consistency_thickness: float = Field(0.0, ge=0, le=1, description="largest change of stroke width, as a fraction of a 3x3 dilation "
                                                       "(thicker) or erosion (thinner), per sample (consistency > 0)")
-    consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency and vat terms' target y(x) sees: "
+    consistency_target: Literal["noisy", "clean"] = Field("noisy", description="what the consistency, vat and neighbours terms' target y(x) sees: "
                                                           "the reconstruction's own noisy input, or x without input noise or dropout")
     consistency_threshold: float = Field(0.0, ge=0, lt=1, description="consistency > 0: 0, every moved copy learns the whole target y (KL); "
                                                            "above 0, only copies whose target is at least this confident count, and "
