@@ -150,28 +150,20 @@ IMSAT = ["model.variant=clustering", f"model.num_classes={K}", "model.batch_norm
          "phases.reconstruction.info=0.1"]
 
 
-def two_workers_whole_and_resumed(tmp_path, base: list[str], table_file: str):
+def two_workers_whole_and_resumed(tmp_path, base: list[str], table_file: str, also: str | None = None):
     """The same 10 steps on 2 workers in one go and as 5 + 5 with a resume: replicas identical, the resumed run
-    bitwise the whole one, and the run folder's table (table_file) written once and reused on resume, not
-    recomputed.  Returns the whole run's summary and the table's path."""
+    bitwise the whole one, and the run folder's table (table_file, and `also`) written once and reused on resume,
+    not recomputed.  Returns the whole run's summary and the table's path."""
     run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "whole"), world=2)
     run_processes(load_config(None, base + ["train.max_steps=5"]), str(tmp_path / "split"), world=2)
-    table = tmp_path / "split" / table_file
-    stamp = table.stat().st_mtime_ns
+    tables = [tmp_path / "split" / f for f in (table_file, also) if f]
+    stamps = [t.stat().st_mtime_ns for t in tables]
     run_processes(load_config(None, base + ["train.max_steps=10"]), str(tmp_path / "split"), world=2)
     whole, split = read_summary(tmp_path / "whole"), read_summary(tmp_path / "split")
     assert whole["replicas_in_sync"] is True and split["resumed_from_step"] == 5
     assert split["replica_fingerprints"] == whole["replica_fingerprints"]
-    assert table.stat().st_mtime_ns == stamp
-    return whole, table
-
-
-def test_imsat_terms_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
-    data, _, _ = make_dataset(400, 100)
-    _, table = two_workers_whole_and_resumed(tmp_path, SMALL_MODEL + IMSAT + [f"data.path={data}", "train.checkpoint_every=5"],
-                                             "vat_radius.npz")
-    with np.load(table, allow_pickle=False) as f:
-        assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
+    assert [t.stat().st_mtime_ns for t in tables] == stamps
+    return whole, tables[0]
 
 
 # ---- neighbour consistency (SCAN) --------------------------------------------------------------------
@@ -285,15 +277,16 @@ NEIGHBOURS = ["model.variant=clustering", f"model.num_classes={K}", "train.parze
               "phases.reconstruction.neighbours_k=3"]
 
 
-def test_neighbour_term_on_two_workers_stays_identical_and_resumes_exactly(tmp_path, make_dataset):
+def test_imsat_terms_and_the_neighbour_term_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
+    """One pair of 2-worker runs for both run-folder tables (CI time): the information term, adaptive VAT and the
+    neighbour term together; the VAT radius table and the neighbour table are each written once and reused."""
     data, _, _ = make_dataset(400, 100)
-    base = SMALL_MODEL + NEIGHBOURS + [f"data.path={data}", "train.checkpoint_every=5"]
-    whole, table = two_workers_whole_and_resumed(tmp_path, base, "neighbours.npz")
+    base = SMALL_MODEL + IMSAT + NEIGHBOURS[3:] + [f"data.path={data}", "train.checkpoint_every=5"]
+    _, table = two_workers_whole_and_resumed(tmp_path, base, "neighbours.npz", also="vat_radius.npz")
     with np.load(table, allow_pickle=False) as f:
         assert f["positions"].shape == (400, 3) and f["keys"].dtype == np.int64
-    off = tmp_path / "off"
-    run_processes(load_config(None, base + ["train.max_steps=10", "phases.reconstruction.neighbours=0"]), str(off), world=2)
-    assert read_summary(off)["replica_fingerprints"] != whole["replica_fingerprints"]  # the term changed the training
+    with np.load(table.parent / "vat_radius.npz", allow_pickle=False) as f:
+        assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
 
 
 def test_a_damaged_neighbour_table_is_one_line_and_keeps_the_checkpoint(tmp_path, make_dataset, capsys):
