@@ -289,7 +289,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def fetch(p: int, q: int) -> bytes:
             # the request that ends the file asks for one byte more: a file that grew is caught too
-            data = storage.read_bytes(url, p, q + 1 if q == meta.bytes else q)
+            data = storage.read_bytes(url, p, q + 1 if q == meta.bytes else q, checked_by_caller=True)
             if len(data) != q - p:
                 raise UserError(
                     f"shard {storage.redact(url)} is truncated or replaced: bytes {p}-{q} came back as {len(data)} bytes, "
