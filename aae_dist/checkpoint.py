@@ -129,6 +129,11 @@ def check_meta(meta, where: str) -> dict:
 def check_architecture(meta: dict, cfg) -> None:
     want, have = architecture(cfg), meta.get("architecture", {})
     diff = [f"model.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items() if have.get(k) != v]
+    # a setting the config leaves at its default is not in `want` (older checkpoints never recorded it): one the
+    # checkpoint recorded must still agree (model.deskew=true weights learnt upright digits)
+    full = (ModelConfig.model_validate(cfg["model"]) if isinstance(cfg, dict) else cfg).model_dump(mode="json")
+    diff += [f"model.{k}: checkpoint {v!r}, config {full[k]!r}" for k, v in have.items()
+             if k not in want and k in ModelConfig.architecture_keys() and v != full[k]]
     if diff:
         raise UserError(f"checkpoint at step {meta.get('step')} has a different architecture ({'; '.join(diff)}): use the run's own config or start a new run")
 

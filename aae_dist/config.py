@@ -97,6 +97,8 @@ class ModelConfig(Section):
     encoder_hidden: Optional[list[int]] = arch(None, description=f"width per network; default: hidden [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
     decoder_hidden: Optional[list[int]] = arch(None, description=f"decoder widths; default: hidden [each <= {MAX_WIDTH}, at most {MAX_LAYERS} layers]")
     batch_norm: bool = arch(False, description="batch norm in the encoder, its y and z outputs included (paper: clustering)")
+    deskew: bool = arch(False, description="images: deskewed (slant and centre of mass normalised by their own moments) before the "
+                        "encoder sees them, in training, evaluation and inference alike; the decoder then models upright digits")
     input_noise: float = Field(0.0, ge=0, le=1e6, description="std of Gaussian noise on the encoder's input, training only (paper: 0.3 semi-sup.)")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the encoder's input, training only (paper: 0.2 clustering)")
     init_std: Optional[float] = Field(None, gt=0, le=100, description="weights N(0, init_std^2), biases 0; default: torch's init")
@@ -124,9 +126,10 @@ class ModelConfig(Section):
         """The settings a checkpoint's weights depend on (the fields declared with `arch`)."""
         d = self.model_dump(mode="json")
         # a built-in network is left out, so checkpoints written before model.encoder/decoder/discriminator existed still resume
-        # likewise one y head (checkpoints from before model.cluster_heads)
+        # likewise one y head (checkpoints from before model.cluster_heads) and model.deskew off
         return {k: d[k] for k in self.architecture_keys()
-                if not (k in NETWORK_KEYS and d[k]["class_path"] is None) and not (k == "cluster_heads" and d[k] == 1)}
+                if not (k in NETWORK_KEYS and d[k]["class_path"] is None) and not (k == "cluster_heads" and d[k] == 1)
+                and not (k == "deskew" and not d[k])}
 
 
 PRIOR_KINDS: dict[str, tuple[str, ...]] = {  # kind -> its parameters; aae_dist.models.priors.prior registers more

@@ -92,6 +92,9 @@ def check_against_data(cfg: Config, m) -> None:
     if cfg.phases.reconstruction.consistency and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.consistency translates images, but samples of {where} are "
                         f"shaped {tuple(m.shape)}, not (channels, height, width): set it to 0")
+    if cfg.model.deskew and len(m.shape) != 3:
+        raise UserError(f"model.deskew deskews images, but samples of {where} are shaped {tuple(m.shape)}, not "
+                        "(channels, height, width): set it to false")
     rc = cfg.phases.reconstruction
     if rc.neighbours and rc.neighbours_moved and len(m.shape) != 3:
         raise UserError(f"phases.reconstruction.neighbours_moved moves images, but samples of {where} are "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -437,3 +438,53 @@ def test_categorical_adversary_off_runs_no_categorical_phase_and_leaves_its_d_un
 
     assert not moved(off3, off6, "discriminator_cat") and moved(off3, off6, "encoder")
     assert moved(on3, on6, "discriminator_cat")  # the control: with the adversary on, the same check sees it train
+
+
+# ---- deskewed input (model.deskew) -------------------------------------------------------------
+
+def test_deskewed_input_is_what_training_search_and_evaluation_see(tmp_path, make_dataset, monkeypatch, capsys):
+    """model.deskew: normalise() deskews the stored pixels before scaling, so training, the neighbour search
+    (every row a step reads is found again: the fingerprints are of the deskewed input), evaluation and the
+    baselines all see the same images; a resume that turns it off is refused (the weights learnt upright
+    digits), and table rows are refused up front."""
+    from aae_dist.cli import main
+    from aae_dist.errors import UserError
+    from aae_dist.models import AAE
+    from aae_dist.models.deskew import deskewed
+    from aae_dist.preflight import check_against_data
+    from aae_dist.training import neighbours
+
+    cfg = load_config(None, ["model.deskew=true", "model.hidden=[16]", "model.latent_dim=2"])
+    x = torch.zeros(2, 1, 20, 20, dtype=torch.uint8)
+    for r in range(4, 16):
+        x[0, 0, r, 3 + r // 2] = 255  # a slanted bar off centre
+    got = AAE(cfg.model, cfg.prior, (1, 20, 20), "uint8", 10).normalise(x)
+    assert torch.equal(got, deskewed(x.float()) / 255) and not torch.equal(got, x.float() / 255)
+
+    class Rows:  # what a table's manifest says: samples are flat rows
+        labels, num_classes, shape = True, 4, (12,)
+
+    with pytest.raises(UserError, match=r"model.deskew deskews images.*set it to false"):
+        check_against_data(cfg, Rows())
+
+    found, draw = [], neighbours.NeighbourTable.__call__
+
+    def counting(self, xs, generator):
+        found.append(bool(torch.isin(neighbours.fingerprint(xs), self.keys).all()))
+        return draw(self, xs, generator)
+
+    monkeypatch.setattr(neighbours.NeighbourTable, "__call__", counting)
+    data, _, _ = make_dataset(200, 50)
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path), "--name", "r", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + NEIGHBOURS + ["model.deskew=true", "train.checkpoint_every=2"]:
+        argv += ["--set", s]
+    assert main(argv + ["--set", "train.max_steps=6"]) == 0
+    assert len(found) == 6 and all(found)
+    summary = read_summary(tmp_path / "r")
+    assert summary["config"]["model"]["deskew"] is True and 0 <= summary["metrics"]["cluster_error"] <= 1
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    assert json.loads(capsys.readouterr().out)["cluster_error"] == summary["metrics"]["cluster_error"]  # eval deskews as training did
+    assert main(argv + ["--set", "train.max_steps=8", "--set", "model.deskew=false", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "deskew" in err[0], err

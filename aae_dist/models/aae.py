@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig, PriorConfig
 from ..variants import variant
+from .deskew import deskewed
 from .networks import Codes, build_networks
 from .priors import build_prior
 
@@ -77,6 +78,8 @@ class AAE:
             x = x.pin_memory().to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
+        if self.cfg.deskew:  # on the stored values, before any scaling: ink is what is stored
+            x = deskewed(x.float())
         if isinstance(self.divide, torch.Tensor):  # per-feature statistics from the manifest
             self.offset, self.divide = self.offset.to(x.device), self.divide.to(x.device)
             return (x.float() - self.offset) / self.divide

@@ -176,7 +176,8 @@ class Trainer:
         if storage.exists(url):
             keys, positions, pick = neighbours.neighbours_from_bytes(storage.read_bytes(url), url, n)
         else:
-            space = neighbours.deskewed if rc.neighbours_space == "deskewed" else None
+            # the samples are the model's inputs: with model.deskew already deskewed
+            space = neighbours.deskewed if rc.neighbours_space == "deskewed" and not self.cfg.model.deskew else None
             keys, positions, pick = neighbours.neighbour_positions(self._training_samples, n, rc.neighbours_k, self.cfg.train.seed,
                                                                    space=space)
             if self.rank == 0:
