@@ -214,8 +214,9 @@ class ReconstructionPhaseConfig(PhaseConfig):
                                                       "as neighbours.npz in the run folder; 0: off)")
     neighbours_k: int = Field(5, ge=1, le=1000, description="neighbours > 0: how many nearest training samples x's neighbour is drawn from")
     neighbours_space: Literal["input", "deskewed"] = Field("input", description="neighbours > 0: where the nearest samples are searched: "
-                                                           "the input as it is, or images deskewed (slant and centre of "
-                                                           "mass normalised by their moments, as for k-NN on handwriting)")
+                                                           "the model's input (deskewed already with model.deskew), or images "
+                                                           "deskewed (slant and centre of mass normalised by their moments, as "
+                                                           "for k-NN on handwriting)")
     neighbours_moved: bool = Field(False, description="neighbours > 0: the neighbour is also moved as the consistency term's copies are "
                                                 "(consistency_shift / rotate / scale / shear / thickness; images only)")
     info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "

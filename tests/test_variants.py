@@ -128,8 +128,9 @@ def test_parzen_sigma_is_chosen_on_a_validation_split_never_trained_on(tmp_path)
 
 def test_short_clustering_run_beats_kmeans_on_pixels(tmp_path, digits_url):
     """The jobs/cpu clustering recipe (batch norm on the y head, input noise and dropout, fast adversarial
-    phases, the consistency, VAT and neighbour terms), shrunk to 600 steps of 512-unit networks: its clusters are purer than k-means' on raw pixels,
-    both scored by majority vote on the same held-out digits (the baseline is computed in the same run)."""
+    phases, the consistency, VAT and neighbour terms, deskewed input), shrunk to 600 steps of 512-unit networks: its
+    clusters are purer than k-means' on the same (deskewed) pixels, both scored by majority vote on the same held-out
+    digits (the baseline is computed in the same run), and far purer than k-means on the raw pixels."""
     import os
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "cpu", "mnist_clustering_16.yaml")
@@ -139,4 +140,11 @@ def test_short_clustering_run_beats_kmeans_on_pixels(tmp_path, digits_url):
     m, b = s["metrics"], s["baselines"]
     # at least a cluster per digit (the neighbour term pulls the easy digits' second clusters in: 11-15 of 16 used on 2,250 digits)
     assert m["clusters_used"] >= 10 and b["kmeans_clusters_used"] >= 12, (m, b)
-    assert m["cluster_error_majority"] < b["kmeans_cluster_error_majority"] - 0.02, (m, b)
+    # deskewed pixels are a strong floor (k-means 15.6% here): 600 steps of the recipe only just pass it
+    assert m["cluster_error_majority"] < b["kmeans_cluster_error_majority"], (m, b)
+    from aae_dist.data import ShardStream
+    from aae_dist.scoring import kmeans_baseline
+
+    (xp, yp), (xt, yt) = (next(iter(ShardStream(digits_url, split, 10_000, shuffle=False).iter_epoch(0))) for split in ("train", "test"))
+    raw = kmeans_baseline(xp.flatten(1).float().numpy() / 255, yp.numpy(), xt.flatten(1).float().numpy() / 255, yt.numpy(), 16)
+    assert m["cluster_error_majority"] < raw["kmeans_cluster_error_majority"] - 0.1, (m, raw)
