@@ -99,8 +99,8 @@ def test_transient_storage_errors_are_retried(tmp_path, make_dataset, monkeypatc
     real = storage.filesystem
     flaky = {}
 
-    def wrapped(url):
-        fs, path = real(url)
+    def wrapped(url, *how):
+        fs, path = real(url, *how)
         if str(url).startswith("memory://"):
             flaky.setdefault("fs", Flaky(fs, 3))
             return flaky["fs"], path
