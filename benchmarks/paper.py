@@ -138,7 +138,7 @@ def main() -> None:
             base = s["baselines"].get(base_key) if base_key else None
             if name == "mnist_aae":
                 base = plain_autoencoder_parzen(path, data, sets)["parzen_ll"]
-            extra = f"seed {cfg.train.seed}"
+            extra = f"seed {cfg.train.seed}" + ("; model.deskew: the model and every baseline read deskewed digits" if cfg.model.deskew else "")
             if metric == "cluster_error":
                 b = s["baselines"]
                 n2d = umap_gmm_reference(run, data, cfg.model.num_classes or 10, cfg.train.seed)
