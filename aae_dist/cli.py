@@ -372,5 +372,16 @@ def os_error_line(exc: OSError) -> str | None:
     return f"{exc.strerror or exc}{where}: {fixes[exc.errno]}; the last complete checkpoint is kept (continue with --resume)"
 
 
+def entry() -> None:
+    """The `aae-dist` command: main(), then leave any Ray it joined while the interpreter is whole."""
+    from .ray_connect import disconnect
+
+    try:
+        code = main()
+    finally:
+        disconnect()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

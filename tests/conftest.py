@@ -139,3 +139,11 @@ def regular_install(tmp_path_factory):
                            check=True).stdout.strip()
     assert where.startswith(site), where  # the regular install, not the checkout
     return py, site, where
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave any Ray this process joined (the Python API's and in-process CLI tests') while the interpreter is
+    whole: left to Ray's atexit hook it crashed the finished test process once (SIGSEGV, exit 139, all tests passed)."""
+    from aae_dist.ray_connect import disconnect
+
+    disconnect()

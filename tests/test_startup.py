@@ -19,14 +19,9 @@ def ray_start_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def no_ray_in_this_process():
     """Earlier tests (the Python API's Ray run) may leave this process joined to a Ray: these tests start from none."""
-    import ray
+    from aae_dist.ray_connect import disconnect
 
-    from aae_dist import ray_connect
-
-    ray.shutdown()
-    for t in ray_start_threads():
-        t.join(timeout=60)
-    ray_connect._early, ray_connect._joined["address"] = None, None
+    disconnect()
     yield
 
 
@@ -52,6 +47,27 @@ def test_a_torch_bound_refusal_stops_the_ray_it_overlapped(world, monkeypatch, c
     assert seen == [True]  # Ray was starting while the torch-bound checks ran
     assert not ray.is_initialized() and not ray_start_threads()
     assert tree_digest(world) == before
+
+
+@pytest.mark.ray
+def test_the_command_leaves_the_ray_it_started_before_the_interpreter_ends(monkeypatch):
+    """`aae-dist` (cli.entry) shuts down the local Ray its run started, and the thread that started it, itself:
+    left to Ray's atexit hook, Ray's threads can outlive the finalising interpreter (a SIGSEGV after a good run)."""
+    import ray
+
+    from aae_dist import cli, ray_connect
+
+    def a_run_on_ray(argv=None):
+        ray_connect.start_early()
+        ray_connect.connect_ray(None)
+        assert ray.is_initialized() and ray_start_threads()
+        return 0
+
+    monkeypatch.setattr(cli, "main", a_run_on_ray)
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert stop.value.code == 0
+    assert not ray.is_initialized() and not ray_start_threads() and ray_connect._early is None
 
 
 @pytest.mark.parametrize("case", ["plan refusal", "dry run"])
