@@ -12,11 +12,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 from typing import Protocol
 
-from . import storage
+from . import storage, tempdirs
 from .config import ModelConfig
 from .errors import UserError
 
@@ -248,8 +247,9 @@ def listing(run_url: str) -> list[tuple[int, str]]:
 
 
 def fetch(url: str) -> str:
-    """A local copy of a checkpoint folder (a temp dir the caller removes)."""
-    tmp = tempfile.mkdtemp(prefix="aae-ckpt-")
+    """A local copy of a checkpoint folder (a temp dir the caller removes; one a killed process left behind
+    is removed by the next fetch on this machine)."""
+    tmp = tempdirs.make("aae-ckpt-")
     _ORIGIN[tmp] = url
     try:
         for name in (STATE, META):

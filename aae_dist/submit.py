@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 
@@ -101,12 +102,12 @@ def job_folder(args) -> str:
 
     from .config import load_config
 
-    folder = tempfile.mkdtemp(prefix="aae-job-")
-    if args.command_to_run in ("train", "sweep"):
-        cfg = load_config(args.config, args.overrides)
-        if cfg.data.path and storage.is_local(cfg.data.path):
-            raise UserError(f"data.path {storage.redact(cfg.data.path)} is a local path the cluster's workers cannot read: shard the data to "
-                            "storage every node reaches (aae-dist shard SOURCE s3://BUCKET/NAME) and pass that URL")
+    cfg = load_config(args.config, args.overrides) if args.command_to_run in ("train", "sweep") else None
+    if cfg is not None and cfg.data.path and storage.is_local(cfg.data.path):
+        raise UserError(f"data.path {storage.redact(cfg.data.path)} is a local path the cluster's workers cannot read: shard the data to "
+                        "storage every node reaches (aae-dist shard SOURCE s3://BUCKET/NAME) and pass that URL")
+    folder = tempfile.mkdtemp(prefix="aae-job-")  # the caller removes it once the job is submitted (Ray has uploaded it)
+    if cfg is not None:
         with open(os.path.join(folder, JOB_CONFIG), "w") as fh:
             yaml.safe_dump(cfg.to_dict(redact=True), fh, sort_keys=False)
     return folder
@@ -200,18 +201,22 @@ def submit(args) -> int:
             raise UserError("--workers 0 runs in-process; a submitted job needs at least one Ray worker")
     refuse_credentials(args)
     folder = job_folder(args)
-    entry = train_entrypoint(args)
-    if getattr(args, "dry_run", False):
-        from .ray_connect import check_reachable
-
-        check_reachable(args.address)
-        print(plan(entry, runtime_env(args.pip, folder, getattr(args, "py_modules", []))))
-        return 0
-    c = client(args.address)
     try:
-        job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder, getattr(args, "py_modules", [])), submission_id=args.job_id)
-    except Exception as exc:  # noqa: BLE001
-        raise explain(exc, args.address) from None
+        entry = train_entrypoint(args)
+        if getattr(args, "dry_run", False):
+            from .ray_connect import check_reachable
+
+            check_reachable(args.address)
+            print(plan(entry, runtime_env(args.pip, folder, getattr(args, "py_modules", []))))
+            return 0
+        c = client(args.address)
+        try:
+            job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(args.pip, folder, getattr(args, "py_modules", [])),
+                                  submission_id=args.job_id)
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc, args.address) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # submit_job uploaded it: never left in the user's /tmp
     print(job_id, flush=True)
     if not args.follow:
         return 0

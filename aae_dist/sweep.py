@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -154,10 +155,13 @@ def write_hparams(run_url: str, params: dict, metric: str) -> None:
     summary = json.loads(storage.read_bytes(storage.join(run_url, "summary.json")))
     metrics = {k: float(v) for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
     local = tempfile.mkdtemp(prefix="aae-hparams-")
-    with SummaryWriter(local) as w:
-        w.add_hparams({k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()},
-                      {f"hparams/{k}": v for k, v in metrics.items()} or {f"hparams/{metric}": float("nan")}, run_name=".")
-    storage.upload_dir(local, storage.join(run_url, "tensorboard"))
+    try:
+        with SummaryWriter(local) as w:
+            w.add_hparams({k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()},
+                          {f"hparams/{k}": v for k, v in metrics.items()} or {f"hparams/{metric}": float("nan")}, run_name=".")
+        storage.upload_dir(local, storage.join(run_url, "tensorboard"))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # one per trial: never left in the trial machine's /tmp
 
 
 def results_table(sweep_url: str, keys: list[str], metric: str, mode: str, trials: list[dict]) -> list[dict]:
