@@ -3,14 +3,17 @@ digits), broken down by stage from `summary.json["startup_stages_s"]`, beside wh
 on their own in the same run: a bare `ray.init` and a TorchTrainer whose function does nothing.
 aae-dist's own share of the start-up = start-up to the first step - bare Ray start - bare worker group
 (`import ray` counts as ours).  --before DIR alternates, round by round, with the code of an older
-checkout (e.g. `git worktree add /tmp/before HEAD~1`); --steps N shortens the training (start-up only).
+checkout (e.g. `git worktree add /tmp/before HEAD~1`); --steps N shortens the training (start-up only);
+--dead-record writes Ray's record of a last `ray start` cluster that is gone (a head killed rather than
+stopped: /tmp/ray/ray_current_cluster) for the rounds, as a machine that ran one has, and restores it after.
 
-    python benchmarks/bench_startup.py [--runs 1] [--steps N] [--before DIR]
+    python benchmarks/bench_startup.py [--runs 1] [--steps N] [--before DIR] [--dead-record]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -80,7 +83,41 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps of each run (default: the full default run)")
     ap.add_argument("--before", default=None, help="a checkout of older code to alternate with, round by round")
+    ap.add_argument("--dead-record", action="store_true", help="Ray's record of the last `ray start` cluster names one that is gone")
     a = ap.parse_args()
+    if a.dead_record:
+        with dead_cluster_on_record():
+            rounds(a)
+    else:
+        rounds(a)
+
+
+@contextlib.contextmanager
+def dead_cluster_on_record():
+    import socket
+
+    from ray._private.utils import get_ray_address_file
+
+    record = get_ray_address_file(None)
+    before = open(record).read() if os.path.exists(record) else None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    with open(record, "w") as fh:
+        fh.write(dead)
+    print(f"Ray's record of the last `ray start` cluster: {dead}, where nothing listens")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.remove(record)
+        else:
+            with open(record, "w") as fh:
+                fh.write(before)
+
+
+def rounds(a) -> None:
     env = dict(os.environ, TQDM_DISABLE="1")
     print(f"machine: {machine()}")
     py = sys.executable
@@ -92,13 +129,15 @@ def main() -> None:
         print(f"[round {i}] load average {os.getloadavg()[0]:.1f}")
         for k, v in bare.items():
             print(f"[round {i}] [floor] bare Ray, same options: {k}: {v:.2f} s")
-        for label, tree in ([("before", a.before)] if a.before else []) + [("now", None)]:
+        contenders = ([("before", a.before)] if a.before else []) + [("now", None)]
+        for label, tree in contenders[::-1] if i % 2 else contenders:  # each goes first in every other round
             s, total = aae_run(env, a.steps, tree)
             share = s["startup_s"] - bare["ray start"] - bare[FIT]
             own.setdefault(label, []).append(share)
             print(f"[round {i}] [{label}] aae-dist train (defaults{f', {a.steps} steps' if a.steps else ''}): start-up to the first step "
                   f"{s['startup_s']:.2f} s, of which aae-dist's own {share:.2f} s (goal <= 1.5 s); training {s['train_s']:.1f} s; "
-                  f"final evaluation {s['eval_s']:.2f} s = {s['eval_s'] / s['wall_s']:.1%} of the run's {s['wall_s']:.1f} s; command {total:.1f} s")
+                  f"final evaluation {s['eval_s']:.2f} s = {s['eval_s'] / s['wall_s']:.1%} of the run's {s['wall_s']:.1f} s; command {total:.1f} s, "
+                  f"of which {total - s['wall_s']:.1f} s after the run's summary (Ray's teardown)")
             for stage, sec in s["startup_stages_s"].items():
                 print(f"[round {i}] [{label}]   {stage}: {sec:.2f} s")
     for label, v in own.items():
