@@ -41,6 +41,9 @@ def cluster(s3_server):
         yield c
     finally:
         c.stop()
+        for left in (STEP_LOG, FAULT_MARKER):  # files outside tmp_path: this module's to remove
+            if os.path.exists(left):
+                os.remove(left)
 
 
 @pytest.fixture(scope="module")
