@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -68,17 +69,20 @@ def _init(address: str | None, verbose: bool) -> None:
     if not verbose:
         for name in ("ray", "ray.train", "ray.data", "ray.tune"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    _forget_own_api_server()
-    kw = {} if address else _own_api_server()
-    ray.init(address=address or "local", log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR, **kw)
+    options = dict(address=address or "local", log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    if address:
+        ray.init(**options)
+    else:
+        with _own_api_server() as dashboard:
+            ray.init(**options, **dashboard)
     _joined["address"] = address
 
 
 _API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
-_api_server_before: dict = {}  # the variable's value before a local Ray of ours set it (absent: it was unset)
 
 
-def _own_api_server() -> dict:
+@contextlib.contextmanager
+def _own_api_server():
     """ray.init options for a local Ray whose State API every one of its processes finds.
 
     Ray's processes look the State API up through the last `ray start` cluster recorded in
@@ -86,27 +90,24 @@ def _own_api_server() -> dict:
     is gone (a head node killed rather than stopped), each lookup waits ~40 s for its GCS: Ray Train's
     placement-group cleaner then holds up the end of every run by ~13 s; where it names another live
     cluster, the cleaner asks that one whether our controller is alive.  So the dashboard gets a port
-    chosen here, published before ray.init in the variable Ray's State API reads first; the raylet and
-    every worker it starts inherit it."""
+    chosen here, set during ray.init in the variable Ray's State API reads first: the raylet and every
+    worker it starts inherit it.  The driver's own environment gets it back as it was the moment ray.init
+    returns: the variable overrides any address given to Ray's job client, and the driver's children
+    (a `ray start`, a submission to another cluster) must not inherit it."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    _api_server_before.setdefault("value", os.environ.get(_API_SERVER_VAR))
+    before = os.environ.get(_API_SERVER_VAR)
     os.environ[_API_SERVER_VAR] = f"http://127.0.0.1:{port}"
-    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
-
-
-def _forget_own_api_server() -> None:
-    """Undo _own_api_server once that Ray is left: the variable as it was before."""
-    if "value" not in _api_server_before:
-        return
-    value = _api_server_before.pop("value")
-    if value is None:
-        os.environ.pop(_API_SERVER_VAR, None)
-    else:
-        os.environ[_API_SERVER_VAR] = value
+    try:
+        yield {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    finally:
+        if before is None:
+            os.environ.pop(_API_SERVER_VAR, None)
+        else:
+            os.environ[_API_SERVER_VAR] = before
 
 
 class EarlyRay:
@@ -176,7 +177,6 @@ def disconnect() -> None:
     for thread in [t for t in threading.enumerate() if t.name == "aae-dist-ray-start"]:
         thread.join(timeout=30)  # it ends within half a second of the shutdown, and with it Ray's local processes
     _early, _joined["address"] = None, None
-    _forget_own_api_server()
 
 
 def _exit_on_sigterm() -> None:

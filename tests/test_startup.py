@@ -83,6 +83,7 @@ def test_a_local_rays_workers_reach_its_own_state_api_past_a_dead_clusters_recor
 
     from aae_dist.ray_connect import connect_ray
 
+    variable = os.environ.get("RAY_API_SERVER_ADDRESS")
     record = get_ray_address_file(None)
     before = open(record).read() if os.path.exists(record) else None
     with socket.socket() as s:  # a port nothing listens on: the dead cluster
@@ -93,6 +94,7 @@ def test_a_local_rays_workers_reach_its_own_state_api_past_a_dead_clusters_recor
         fh.write(f"127.0.0.1:{dead}")
     try:
         connect_ray(None)
+        assert os.environ.get("RAY_API_SERVER_ADDRESS") == variable  # the driver's children and job clients never see ours
 
         @ray.remote
         class Controller:
