@@ -271,9 +271,17 @@ class TrainConfig(Section):
                                                "bf16 (avx512_bf16/AMX; refused elsewhere); weights, gradients, losses and reductions stay fp32")
     fused: bool = Field(True, description="fused Adam/SGD kernels (one per phase) where torch has them for the device; false: the "
                                           "per-parameter loop")
-    compile: bool = Field(False, description="torch.compile each network's forward (inductor: fewer, fused kernels; the "
-                                            "optimizers and the coordinator's reductions stay eager).  For GPUs, whose step is bound "
-                                            "by kernel launches; costs compile time at start; trains like eager (tested on CPU)")
+    compile: bool = Field(False, description="torch.compile the training step (train.compile_scope says which part; inductor: "
+                                            "fewer, fused kernels; the optimizers and the coordinator's reductions stay eager).  For "
+                                            "GPUs, whose step is bound by kernel launches; costs compile time at start; trains like eager "
+                                            "(tested on CPU)")
+    compile_scope: Literal["networks", "phases"] = Field("networks", description="with train.compile: networks: each network's forward; "
+                                                         "phases: each phase's whole loss (every forward it makes and its terms, "
+                                                         "one compiled region per phase, split only at its seeded random draws)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile's mode with train.compile: reduce-overhead replays the compiled regions' forward and "
+                               "backward as CUDA graphs on GPUs (static shapes: batches are full, data.batch_size each); on a CPU "
+                               "there are no CUDA graphs and it compiles as default")
     grad_compression: Union[Literal["none", "fp16", "bf16", "powersgd"], dict[str, Literal["none", "fp16", "bf16", "powersgd"]]] = Field(
         "none", description="how gradients travel: none, fp16/bf16 (half the bytes), powersgd (low-rank); one for all networks or "
                             "per network, e.g. {encoder: powersgd, decoder: powersgd, discriminator: fp16}")
@@ -304,6 +312,9 @@ class TrainConfig(Section):
         if self.average_every > 1 and self.grad_compression != "none":
             raise ValueError(f"train.average_every={self.average_every} sends no gradients, so train.grad_compression has nothing to "
                              "compress: drop one of the two")
+        for key, default in (("compile_scope", "networks"), ("compile_mode", "default")):
+            if getattr(self, key) != default and not self.compile:
+                raise ValueError(f"train.{key}={getattr(self, key)} applies only with train.compile=true: set it, or drop train.{key}")
         return self
 
 

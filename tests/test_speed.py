@@ -138,3 +138,37 @@ def test_compiled_forwards_train_like_eager(tmp_path, make_dataset):
     eager, compiled = trained(tmp_path, data, "eager"), trained(tmp_path, data, "compiled", "train.compile=true")
     assert [k for k in compiled.aae.state_dict()] == [k for k in eager.aae.state_dict()]
     assert all(torch.allclose(x, y, rtol=1e-3, atol=1e-4) for x, y in zip(weights(eager), weights(compiled)))
+
+
+def test_compiled_phases_train_like_eager(tmp_path, make_dataset):
+    """train.compile_scope=phases with compile_mode=reduce-overhead on the CPU (the path a GPU takes, there replayed
+    as CUDA graphs; on a CPU inductor alone): each phase's whole loss is compiled (dynamo really built graphs for
+    it), and 12 steps with a checkpoint train as eager to float32 tolerance, weights' names unchanged."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    data, _, _ = make_dataset(1000, 100)
+    eager = trained(tmp_path, data, "eager")
+    compiled = trained(tmp_path, data, "compiled", "train.compile=true", "train.compile_scope=phases", "train.compile_mode=reduce-overhead")
+    assert all(getattr(compiled.losses[ph.name], "_torchdynamo_orig_callable", None) is not None for ph in compiled.phases)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(compiled.phases)
+    assert [k for k in compiled.aae.state_dict()] == [k for k in eager.aae.state_dict()]
+    assert all(torch.allclose(x, y, rtol=1e-3, atol=1e-5) for x, y in zip(weights(eager), weights(compiled)))
+    losses = [read_summary(tmp_path / n)["metrics"]["recon_loss"] for n in ("eager", "compiled")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.slow  # three compiled 2-process runs: ~75 s of CPU
+def test_compiled_phases_on_two_ddp_workers_identical_replicas_and_exact_resume(tmp_path, make_dataset):
+    """train.compile_scope=phases under DDP (gloo): replicas identical, a run split at its checkpoint ends bitwise
+    like a whole one, and the loss is eager's to float32 tolerance."""
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
+    comp = base + ["train.compile=true", "train.compile_scope=phases", "train.compile_mode=reduce-overhead"]
+    run_processes(load_config(None, comp + ["train.max_steps=12"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, comp + ["train.max_steps=6"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, comp + ["train.max_steps=12"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "eager"), world=2)
+    whole, split, eager = (read_summary(tmp_path / n) for n in ("whole", "split", "eager"))
+    assert whole["replicas_in_sync"] and split["resumed_from_step"] == 6
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    assert whole["metrics"]["recon_loss"] == pytest.approx(eager["metrics"]["recon_loss"], rel=1e-4)

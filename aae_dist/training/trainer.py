@@ -47,6 +47,7 @@ class Trainer:
         t = cfg.train
         self.phases = build_phases(cfg.phases, cfg.model, t.warmup_steps, cfg.data.labeled_per_class, t.target_recon_loss)
         self.ctx = self._build_context()
+        self.losses = self._build_losses()
         self.micro = t.accumulate
         self.coord = self._build_coordinator()
         for ph in self.phases:
@@ -84,15 +85,28 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         aae = AAE.from_config(self.cfg.model, self.cfg.prior, self.manifest).to(self.device)
-        if t.compile:
+        if t.compile and t.compile_scope == "networks":
             for m in aae.nets.values():  # compile forward only: state_dict keys stay plain
-                m.forward = torch.compile(m.forward)
+                m.forward = torch.compile(m.forward, mode=t.compile_mode)
         comm, wrapped = CommStats(t.grad_compression, t.powersgd_rank), dict(aae.nets)
         if distributed():
             wrapped = {n: wrap(m, self.device) for n, m in aae.nets.items()}
             for n, m in wrapped.items():
                 comm.attach(n, m)
         return aae, wrapped, comm
+
+    def _build_losses(self) -> dict:
+        """Each phase's loss as the step calls it: with train.compile_scope=phases compiled whole (all its forwards and
+        terms; the backward follows through AOTAutograd), so reduce-overhead can replay a phase as CUDA graphs; the
+        optimizer steps, the finite-gradient check and the coordinator's reductions stay outside, eager."""
+        t = self.cfg.train
+        if not (t.compile and t.compile_scope == "phases"):
+            return {ph.name: ph.loss for ph in self.phases}
+        # every phase's loss is the one Python function Phase.loss, so their compiled variants share one cache (one entry
+        # per phase and input shape): room for all of them, or the later phases would silently run eager
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 4 * len(self.phases))
+        return {ph.name: torch.compile(ph.loss, mode=t.compile_mode, dynamic=False) for ph in self.phases}
 
     def _build_context(self) -> StepContext:
         labelled = self._labelled_sampler() if any(ph.name == "classification" for ph in self.phases) else None
@@ -195,6 +209,8 @@ class Trainer:
         """One optimizer step per phase over `batches` (train.accumulate micro-batches): gradients add up
         locally under DDP's no_sync and are all-reduced once, with the last micro-batch."""
         self.generator.manual_seed(seeds.step(self.cfg.train.seed, self.rank, self.coord.step))
+        if self.cfg.train.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed: their memory may be reused
         for ph in self.coord.phases_now():
             t0 = time.perf_counter()
             self.comm.phase = ph.name
@@ -203,7 +219,7 @@ class Trainer:
                 for i, (x, y) in enumerate(batches):
                     with self._no_sync(i < len(batches) - 1 or self.average_every > 1):
                         with precision.autocast(self.device, self.autocast_dtype):
-                            loss, stats = ph.loss(self.ctx, x, y)
+                            loss, stats = self.losses[ph.name](self.ctx, x, y)
                         scale = ph.cfg.weight / len(batches)
                         (loss * scale if scale != 1.0 else loss).backward()
                     self.coord.record(ph, stats)
