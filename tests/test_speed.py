@@ -29,6 +29,20 @@ def weights(t) -> list[torch.Tensor]:
     return [p.detach().clone() for n in sorted(t.aae.nets) for p in t.aae.nets[n].parameters()]
 
 
+def ddp_whole_split_and_plain(tmp_path, data, sets: list[str]) -> tuple[dict, dict, dict]:
+    """Summaries of 2 gloo workers with `sets`: 12 steps whole, 12 split at the step-6 checkpoint; and 12 without them.
+    Checks what every such switch must keep: replicas identical, the split run bitwise the whole one."""
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
+    run_processes(load_config(None, base + sets + ["train.max_steps=12"]), str(tmp_path / "whole"), world=2)
+    run_processes(load_config(None, base + sets + ["train.max_steps=6"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, base + sets + ["train.max_steps=12"]), str(tmp_path / "split"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "plain"), world=2)
+    whole, split, plain = (read_summary(tmp_path / n) for n in ("whole", "split", "plain"))
+    assert whole["replicas_in_sync"] and split["resumed_from_step"] == 6
+    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    return whole, split, plain
+
+
 @pytest.mark.parametrize("optim", ["adam", "sgd"])
 def test_fused_and_loop_optimizers_train_alike(tmp_path, make_dataset, optim):
     """Fused kernels are the default (the optimizers' flags say which kernel ran) and change only the rounding:
@@ -74,15 +88,7 @@ def test_bf16_on_two_ddp_workers_identical_replicas_and_exact_resume(tmp_path, m
     """train.precision=bf16 on the CPU: 2 gloo workers stay identical, a run split at a checkpoint ends bitwise
     like a whole one, the weights differ from fp32's (autocast really ran) and the loss stays where fp32's is."""
     data, _, _ = make_dataset(1000, 100)
-    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
-    bf16 = base + ["train.precision=bf16"]
-    run_processes(load_config(None, bf16 + ["train.max_steps=12"]), str(tmp_path / "whole"), world=2)
-    run_processes(load_config(None, bf16 + ["train.max_steps=6"]), str(tmp_path / "split"), world=2)
-    run_processes(load_config(None, bf16 + ["train.max_steps=12"]), str(tmp_path / "split"), world=2)
-    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "fp32"), world=2)
-    whole, split, fp32 = (read_summary(tmp_path / n) for n in ("whole", "split", "fp32"))
-    assert whole["replicas_in_sync"] and split["resumed_from_step"] == 6
-    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    whole, _, fp32 = ddp_whole_split_and_plain(tmp_path, data, ["train.precision=bf16"])
     assert whole["replica_fingerprints"] != fp32["replica_fingerprints"]
     assert whole["metrics"]["recon_loss"] == pytest.approx(fp32["metrics"]["recon_loss"], rel=0.02)
 
@@ -162,13 +168,6 @@ def test_compiled_phases_on_two_ddp_workers_identical_replicas_and_exact_resume(
     """train.compile_scope=phases under DDP (gloo): replicas identical, a run split at its checkpoint ends bitwise
     like a whole one, and the loss is eager's to float32 tolerance."""
     data, _, _ = make_dataset(1000, 100)
-    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6"]
-    comp = base + ["train.compile=true", "train.compile_scope=phases", "train.compile_mode=reduce-overhead"]
-    run_processes(load_config(None, comp + ["train.max_steps=12"]), str(tmp_path / "whole"), world=2)
-    run_processes(load_config(None, comp + ["train.max_steps=6"]), str(tmp_path / "split"), world=2)
-    run_processes(load_config(None, comp + ["train.max_steps=12"]), str(tmp_path / "split"), world=2)
-    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "eager"), world=2)
-    whole, split, eager = (read_summary(tmp_path / n) for n in ("whole", "split", "eager"))
-    assert whole["replicas_in_sync"] and split["resumed_from_step"] == 6
-    assert split["replica_fingerprints"] == whole["replica_fingerprints"]
+    whole, _, eager = ddp_whole_split_and_plain(tmp_path, data, ["train.compile=true", "train.compile_scope=phases",
+                                                                 "train.compile_mode=reduce-overhead"])
     assert whole["metrics"]["recon_loss"] == pytest.approx(eager["metrics"]["recon_loss"], rel=1e-4)
