@@ -20,7 +20,7 @@ from raycluster import LocalCluster, loopback_env
 
 pytestmark = pytest.mark.ray
 
-CHECKPOINT_EVERY, MAX_STEPS = 10, 130
+CHECKPOINT_EVERY, MAX_STEPS = 10, 300  # room for a slow host: the grow came at step 120 of 130 on an AVX2-only VM
 
 
 def wait_for(what, cond, proc, timeout=180):
