@@ -146,9 +146,9 @@ def roofline(data: str, x_all: torch.Tensor, batch: int, steps: int, repeats: in
         roof = med[f"roofline {prec} (the step's products alone)"]
         print(f"[roofline] batch {batch}: {name}: {v:,.0f} samples/s (median of {repeats}) = {v / plain:.2f}x the plain hand-written "
               f"loop, {v / roof:.0%} of the {prec} roofline ({v * flops[prec] / batch / 1e9:.0f} GFLOP/s)")
-    from aae_dist.launch import ensure_default_data
-
     if "bf16" in precisions:  # random pixels cannot be reconstructed: quality on the embedded digits
+        from aae_dist.launch import ensure_default_data
+
         digits = {p: framework(ensure_default_data(), batch, 4 * steps, ["train.parzen_samples=0", f"train.precision={p}"])[1]
                   for p in precisions}
         q = {p: s["metrics"]["recon_loss"] for p, s in digits.items()}
