@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -54,9 +55,12 @@ class LocalCluster:
     def __init__(self, extra_env: dict | None = None):
         self.env = loopback_env(extra_env)
         self.procs: list[subprocess.Popen] = []
+        self.commands: list = []  # per node: a function giving its `ray start` command with fresh ports
+        self.relaunched = 0
         self.nodes = 0
         self.port = free_port()
         self.dashboard_port = free_port()
+        self.log_dir = tempfile.mkdtemp(prefix="aae-raynodes-")
 
     def _node_ports(self) -> list[str]:
         return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
@@ -64,19 +68,43 @@ class LocalCluster:
                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
                 "--min-worker-port", "0", "--max-worker-port", "0"]
 
+    def _launch(self, index: int) -> None:
+        """Start node `index` (its output kept in a log file, quoted when a wait fails)."""
+        with open(os.path.join(self.log_dir, f"node{index}.log"), "ab") as log:
+            proc = subprocess.Popen(self.commands[index](), env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        if index < len(self.procs):
+            self.procs[index] = proc
+        else:
+            self.procs.append(proc)
+
     def start_head(self, cpus: int, resources: dict | None = None) -> None:
-        cmd = [ray_exe(), "start", "--head", "--block", "--node-ip-address", HEAD_IP, "--port", str(self.port),
-               "--num-cpus", str(cpus), "--dashboard-host", HEAD_IP, "--dashboard-port", str(self.dashboard_port),
-               "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
-        self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.commands.append(lambda: [
+            ray_exe(), "start", "--head", "--block", "--node-ip-address", HEAD_IP, "--port", str(self.port),
+            "--num-cpus", str(cpus), "--dashboard-host", HEAD_IP, "--dashboard-port", str(self.dashboard_port),
+            "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()])
+        self._launch(0)
         self.wait_port(self.port)
         self.wait_port(self.dashboard_port, timeout=90)
 
     def add_node(self, cpus: int, resources: dict | None = None) -> None:
         self.nodes += 1
-        cmd = [ray_exe(), "start", "--block", "--address", self.address, "--node-ip-address", f"127.0.0.{2 + self.nodes}",
-               "--num-cpus", str(cpus), "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()]
-        self.procs.append(subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ip = f"127.0.0.{2 + self.nodes}"
+        self.commands.append(lambda: [
+            ray_exe(), "start", "--block", "--address", self.address, "--node-ip-address", ip,
+            "--num-cpus", str(cpus), "--resources", json.dumps(resources or {}), "--disable-usage-stats", *self._node_ports()])
+        self._launch(len(self.commands) - 1)
+
+    def _log_tails(self) -> str:
+        out = []
+        for i, p in enumerate(self.procs):
+            state = "running" if p.poll() is None else f"exited {p.returncode}"
+            try:
+                with open(os.path.join(self.log_dir, f"node{i}.log"), errors="replace") as f:
+                    tail = "".join(f.readlines()[-15:])
+            except OSError:
+                tail = ""
+            out.append(f"--- node {i} ({state}):\n{tail}")
+        return "\n".join(out)
 
     @property
     def address(self) -> str:
@@ -94,14 +122,22 @@ class LocalCluster:
                 return
             except OSError:
                 time.sleep(0.3)
-        raise TimeoutError(f"port {port} did not open")
+        raise TimeoutError(f"port {port} did not open\n{self._log_tails()}")
 
-    def wait_nodes(self, n: int, timeout: float = 90) -> list[str]:
-        """Wait for n live nodes; every node's address (as Ray reports it) must be on loopback."""
+    def wait_nodes(self, n: int, timeout: float = 150) -> list[str]:
+        """Wait for n live nodes; every node's address (as Ray reports it) must be on loopback.
+
+        A joining node whose `ray start` exited is started again (twice at most) with fresh ports: a
+        port found free can be taken before its service binds it (an outgoing connection's local
+        port comes from the same range); a CI run once lost a whole module to a node that never joined."""
         code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
                 "print(' '.join(x['NodeManagerAddress'] for x in ray.nodes() if x['Alive']))")
         deadline = time.time() + timeout
         while time.time() < deadline:
+            for i in range(1, len(self.procs)):
+                if self.procs[i].poll() is not None and self.relaunched < 2:
+                    self.relaunched += 1
+                    self._launch(i)
             out = subprocess.run([sys.executable, "-c", code, self.address], env=self.env, capture_output=True, text=True, timeout=60)
             lines = out.stdout.strip().splitlines()
             addresses = lines[-1].split() if lines else []
@@ -110,7 +146,7 @@ class LocalCluster:
                 assert not off, f"Ray nodes outside loopback: {off}"
                 return addresses
             time.sleep(1)
-        raise TimeoutError(f"{n} nodes did not join")
+        raise TimeoutError(f"{n} nodes did not join\n{self._log_tails()}")
 
     def worker_pids(self, marker: str = "RayTrainWorker") -> list[int]:
         """Training worker processes of THIS cluster (same process sessions as our nodes)."""
@@ -140,6 +176,7 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -159,3 +196,4 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
             p.wait()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
