@@ -111,6 +111,7 @@ def ray_checkpoint_steps(s3_server, run):
                   if "/checkpoint_" in k and k.endswith("meta.json"))
 
 
+@pytest.mark.slow  # ~50 s; CI keeps a job submitted to the two-node cluster
 def test_sweep_submitted_from_a_regular_install_spreads_over_two_nodes(cluster, s3_server, s3_data, regular_install, tmp_path):
     """A sweep job submitted from a non-editable install runs on the cluster: what travels is that
     install's aae_dist folder alone (the dry run from the same interpreter lists it) and the resolved
@@ -144,6 +145,7 @@ def test_sweep_submitted_from_a_regular_install_spreads_over_two_nodes(cluster, 
     assert not leaks, leaks
 
 
+@pytest.mark.slow  # ~2 min; CI keeps a killed trial retried (test_sweep.py) and a checkpoint write killed halfway (test_reliability.py)
 def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_data):
     """Kill 1: rank 0 SIGKILLs itself while uploading its step-10 checkpoint (fault injection).
     Kill 2: the test SIGKILLs a randomly chosen worker at a random step after that.  From the per-step
@@ -203,6 +205,7 @@ def test_workers_killed_twice_resume_from_checkpoints(cluster, s3_server, s3_dat
     assert s["steps"] == 40 and s["replicas_in_sync"] and s["resumed_from_step"] == restarts[1][1] - 1
 
 
+@pytest.mark.slow  # ~2 min; CI keeps the single-node SIGTERM and resume (test_reliability.py)
 def test_sigterm_to_a_ray_driver_checkpoints_on_every_rank(cluster, s3_server, s3_data):
     storage = f"s3://{s3_server['bucket']}/cluster/runs"
     argv = ["train", "--workers", "2", "--address", cluster.address, "--storage", storage, "--name", "term",

@@ -388,6 +388,7 @@ def test_encode_reports_the_chosen_head(tmp_path, make_dataset):
     assert (preds[:, head] != preds[:, 0]).any()
 
 
+@pytest.mark.slow  # ~40 s; CI keeps head selection in-process and the IMSAT terms on two workers
 def test_cluster_heads_on_two_workers_stay_identical_and_resume_exactly(tmp_path, make_dataset):
     data, _, _ = make_dataset(400, 100)
     base = SMALL_MODEL + HEADS + ["model.batch_norm=true", "phases.reconstruction.vat=1.0", f"data.path={data}",

@@ -35,6 +35,7 @@ def wait_for(what, cond, proc, timeout=180):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # ~3 min on an AVX2-only 2-core host: it waits for a second node to join a running group; the only elastic test
 def test_elastic_group_grows_then_shrinks_and_counts_every_step_once(tmp_path, s3_server):
     import boto3
 

@@ -230,6 +230,7 @@ def wait_step(proc, log, step, timeout=120):
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # ~70 s against moto; CI keeps the in-process transient and permanent storage failures
 def test_storage_outage_is_ridden_out_and_a_permanent_one_is_one_line(tmp_path, s3_server, make_dataset):
     """The S3 endpoint goes away for 8 s mid-run (connections refused and cut) and comes back: the run
     finishes, every step ran once, every checkpoint is complete, and summary.json counts the retries.

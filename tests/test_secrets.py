@@ -21,6 +21,7 @@ pytestmark = pytest.mark.ray
 URL_SECRET, CONFIG_SECRET, ENV_SECRET = "URLSECRET-1b2c3d4e", "CFGSECRET-5f6a7b8c", "ENVSECRET-9d0e1f2a"
 
 
+@pytest.mark.slow  # ~2 min (seven commands); CI keeps test_reliability.py's planted secret and test_trust_secrets.py
 def test_planted_secrets_appear_nowhere(tmp_path, s3_server):
     bucket = s3_server["bucket"]
     runs = f"s3://AKIAURLKEY:{URL_SECRET}@{bucket}/sec2/runs"

@@ -54,6 +54,7 @@ def test_grid_sweep_ranks_every_trial_and_retries_a_killed_one(tmp_path, make_da
         assert noise not in p.stdout, noise
 
 
+@pytest.mark.slow  # ~80 s; CI keeps the grid sweep with a killed trial
 def test_an_interrupted_sweep_resumes(tmp_path, make_dataset):
     """Ctrl-C while trials run: exit 130 with the --resume hint; --resume finishes every trial."""
     import signal

@@ -34,6 +34,7 @@ def cli(*argv, timeout=300):
     return subprocess.run([sys.executable, "-m", "aae_dist.cli", *map(str, argv)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~90 s with its own cluster; CI keeps a table on two DDP workers (test_tables.py) and images through Ray
 def test_a_table_trains_on_two_ray_workers_and_generates_parquet(cluster, tmp_path):
     t = wine_table()
     pq.write_table(t, tmp_path / "wine.parquet")

@@ -55,6 +55,7 @@ def test_two_ray_workers_on_a_fresh_local_ray(tmp_path, make_dataset):
 
 
 
+@pytest.mark.slow  # ~55 s; CI keeps every corrupt-shard case in-process (test_data_errors.py)
 def test_a_corrupt_shard_under_ray_ends_the_run_once(tmp_path, make_dataset):
     """One byte flipped (same size) inside the samples only rank 1 reads, under 2 Ray workers: rank 1's
     block checksums catch it; a deterministic error is not retried: exit 2, the shard named in the last

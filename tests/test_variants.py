@@ -126,6 +126,7 @@ def test_parzen_sigma_is_chosen_on_a_validation_split_never_trained_on(tmp_path)
     assert p["parzen_sigma_split"] == "validation" and p["parzen_samples"] == 300 and 0.1 <= p["parzen_sigma"] <= 1.0
 
 
+@pytest.mark.slow  # ~100 s of training; CI keeps the clustering terms' tests (test_clustering.py)
 def test_short_clustering_run_beats_kmeans_on_pixels(tmp_path, digits_url):
     """The jobs/cpu clustering recipe (batch norm on the y head, input noise and dropout, fast adversarial
     phases, the consistency, VAT and neighbour terms, deskewed input), shrunk to 600 steps of 512-unit networks: its
