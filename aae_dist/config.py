@@ -271,6 +271,10 @@ class TrainConfig(Section):
                                                "bf16 (avx512_bf16/AMX; refused elsewhere); weights, gradients, losses and reductions stay fp32")
     fused: bool = Field(True, description="fused Adam/SGD kernels (one per phase) where torch has them for the device; false: the "
                                           "per-parameter loop")
+    share_codes: bool = Field(True, description="the discriminator phases and the generator share one encoder forward per step "
+                                                "where the values are the same (a built-in encoder without noise, dropout, batch "
+                                                "norm or a sampled posterior; no micro-batches or compile): one forward fewer per "
+                                                "step; false: each phase runs its own")
     compile: bool = Field(False, description="torch.compile the training step (train.compile_scope says which part; inductor: "
                                             "fewer, fused kernels; the optimizers and the coordinator's reductions stay eager).  For "
                                             "GPUs, whose step is bound by kernel launches; costs compile time at start; trains like eager "

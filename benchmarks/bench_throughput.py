@@ -3,6 +3,8 @@ same three phases and model (paper MLP 784-1000-1000-8), in one run; then 1 vs 2
 The roofline (on by default): the step's FLOPs (torch's FlopCounter), the rate of its matrix products alone
 at the step's shapes and precision, and beside it, alternating, the hand-written loop (plain Adam, fused
 Adam) and aae-dist for fp32 and bf16, with medians, ratios, the achieved fraction and a top-kernels profile.
+The roofline is that of the hand-written step's products; aae-dist's default step runs one encoder forward
+fewer (train.share_codes: the discriminators and the generator share it), so it is also timed without that.
 
     python benchmarks/bench_throughput.py [--steps 200] [--batch 128 512] [--no-scaling] [--no-tax]
     python benchmarks/bench_throughput.py --no-tax --no-scaling --threads 1 --repeats 3   # the roofline alone
@@ -125,6 +127,8 @@ def roofline(data: str, x_all: torch.Tensor, batch: int, steps: int, repeats: in
         "hand-written fp32, Adam(fused=True)": lambda: naive_loop(x_all, batch, steps, fused=True),
         "hand-written bf16 autocast, fused": lambda: naive_loop(x_all, batch, steps, fused=True, bf16=True),
         "aae-dist fp32 (defaults)": lambda: framework(data, batch, steps + 5, ["train.parzen_samples=0"])[0],
+        "aae-dist fp32, train.share_codes=false": lambda: framework(data, batch, steps + 5, ["train.parzen_samples=0",
+                                                                                            "train.share_codes=false"])[0],
         "aae-dist train.precision=bf16": lambda: framework(data, batch, steps + 5, ["train.parzen_samples=0", "train.precision=bf16"])[0],
     }
     from aae_dist.training.precision import cpu_has_native_bf16

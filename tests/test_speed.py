@@ -58,6 +58,50 @@ def test_fused_and_loop_optimizers_train_alike(tmp_path, make_dataset, optim):
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
 
 
+def counted_run(tmp_path, data, name, *sets) -> tuple[Trainer, int]:
+    """An in-process run of 12 steps, and how many training-mode forwards its encoder ran."""
+    cfg = load_config(None, SMALL_MODEL + [f"data.path={data}", "train.max_steps=12", "train.checkpoint_every=6", *sets])
+    t = Trainer(cfg, LocalSession(str(tmp_path / name), 1))
+    calls = []
+    t.aae.nets["encoder"].register_forward_hook(lambda m, i, o: calls.append(1) if m.training else None)
+    t.fit()
+    return t, len(calls)
+
+
+@pytest.mark.parametrize("variant, forwards_per_step", [("basic", (3, 2)), ("clustering", (4, 2)), ("label_regularized", (3, 2))])
+def test_shared_codes_train_bit_for_bit_like_a_forward_per_phase(tmp_path, make_dataset, variant, forwards_per_step):
+    """train.share_codes (the default): the discriminators and the generator use one encoder forward of the step's
+    batch; the weights after 12 steps (a checkpoint between) are bitwise those of a forward per phase."""
+    data, _, _ = make_dataset(1000, 100)
+    sets = [f"model.variant={variant}"]
+    shared, n_shared = counted_run(tmp_path, data, "shared", *sets)
+    separate, n_separate = counted_run(tmp_path, data, "separate", *sets, "train.share_codes=false")
+    assert shared.shares_codes and not separate.shares_codes
+    assert (n_separate, n_shared) == (12 * forwards_per_step[0], 12 * forwards_per_step[1])
+    assert all(torch.equal(x, y) for x, y in zip(weights(shared), weights(separate)))
+
+
+@pytest.mark.parametrize("sets", [["model.input_noise=0.1"], ["model.posterior=gaussian"], ["model.batch_norm=true"],
+                                  ["train.accumulate=2"], ["model.regularizer=kl", "model.posterior=gaussian"]])
+def test_codes_are_not_shared_where_a_second_forward_differs_or_ddp_needs_its_own(tmp_path, make_dataset, sets):
+    """A random draw, batch-norm statistics or micro-batches (DDP pairs each forward with its backward): no sharing."""
+    data, _, _ = make_dataset(300, 100)
+    t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", *sets]), LocalSession(str(tmp_path / "r"), 1))
+    assert not t.shares_codes
+
+
+def test_shared_codes_on_two_ddp_workers_are_bitwise_a_forward_per_phase(tmp_path, make_dataset):
+    """On 2 gloo workers the generator's backward goes through the discriminator phase's DDP forward: the same
+    all-reduced gradients, so the same weights bit for bit as a forward per phase (the default run also resumes
+    exactly: tests/test_train_ddp.py)."""
+    data, _, _ = make_dataset(1000, 100)
+    base = SMALL_MODEL + [f"data.path={data}", "train.max_steps=12", "train.checkpoint_every=6", "model.variant=clustering"]
+    run_processes(load_config(None, base), str(tmp_path / "shared"), world=2)
+    run_processes(load_config(None, base + ["train.share_codes=false"]), str(tmp_path / "separate"), world=2)
+    shared, separate = read_summary(tmp_path / "shared"), read_summary(tmp_path / "separate")
+    assert shared["replicas_in_sync"] and shared["replica_fingerprints"] == separate["replica_fingerprints"]
+
+
 def test_a_loop_checkpoint_resumes_into_fused_kernels(tmp_path, make_dataset):
     """A checkpoint written by the per-parameter loop (every run before fused kernels) resumes with the kernels
     the config asks for: load_state_dict would otherwise copy the saved fused=None back in."""

@@ -75,6 +75,7 @@ class Encoder(nn.Module):
         # the extra heads' logits come last, so one head keeps today's layout (and checkpoints)
         width = self.num_y + self.code_width + (self.num_heads - 1) * self.num_y
         self.input_noise, self.input_dropout = cfg.input_noise, cfg.input_dropout
+        self.own = bool(cfg.encoder.class_path)
         self.head_norm = nn.BatchNorm1d(width) if cfg.batch_norm else nn.Identity()
         if cfg.encoder.class_path:  # the user's network maps x straight to the head's outputs
             if self.noise_dim:
@@ -94,6 +95,15 @@ class Encoder(nn.Module):
         # one head for y, z (and log-variance): every phase that uses the encoder uses all its parameters
         self.head = nn.Linear(hidden[-1], width)
         # batch norm on the y and z outputs (the paper's clustering encoder): it keeps the y logits large enough for a sharp softmax
+
+    @property
+    def repeatable(self) -> bool:
+        """Two training-mode forwards of the same x with the same weights give the same codes and change nothing:
+        no random draw (noise, dropout, a sampled posterior) and no batch-norm running statistics to update.
+        A user's own network is not assumed to be."""
+        stateful = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+        return (not self.own and self.posterior == "deterministic" and not self.noise_dim and not self.input_noise
+                and not self.input_dropout and not any(isinstance(m, stateful) for m in self.modules()))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, corrupt: bool = True) -> Codes:
         if self.training and corrupt:  # input noise and dropout, training only, drawn from the step's generator (exact resume)

@@ -33,6 +33,7 @@ class StepContext:
     labelled: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # a labelled minibatch (few-label runs)
     radius: Callable[[torch.Tensor], torch.Tensor] | None = None  # adaptive VAT: each sample's k-th neighbour distance
     neighbour: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None  # one of each sample's nearest training samples
+    shared_codes: dict | None = None  # id(x) -> the encoder's codes of x with their graph, while the trainer allows (codes_of)
 
     @property
     def plain(self) -> dict[str, nn.Module]:
@@ -86,6 +87,26 @@ def frozen(module: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def codes_of(ctx: StepContext, x: torch.Tensor, grad: bool):
+    """The encoder's codes of x, read (grad=False: use them detached) or trained through (grad=True).
+
+    The discriminators read the codes of the very batch, under the very weights, the generator then trains
+    through: where the trainer allows it (ctx.shared_codes is a dict: a repeatable encoder, the generator
+    runs later in this step, no update of the encoder in between) the first phase to ask runs the wrapped
+    encoder once, with its graph, and the generator's backward goes through that graph: one encoder
+    forward fewer per step, the same values bit for bit."""
+    cache = ctx.shared_codes
+    if cache is None:
+        if grad:
+            return ctx.wrapped["encoder"](x, generator=ctx.generator)
+        with torch.no_grad():
+            return ctx.plain["encoder"](x, generator=ctx.generator)
+    codes = cache.get(id(x))
+    if codes is None:
+        codes = cache[id(x)] = ctx.wrapped["encoder"](x, generator=ctx.generator)
+    return codes
 
 
 def _bce(logits: torch.Tensor, value: float) -> torch.Tensor:
@@ -327,8 +348,7 @@ DISCRIMINATOR_STATS = ("loss", "acc_prior", "acc_codes")
 def discriminator(ctx: StepContext, b: Batch, s: Settings):
     """D tells prior samples from codes (with a label tag, both joined with the one-hot label)."""
     x, y = b.x, b.y
-    with torch.no_grad():
-        fake = ctx.plain["encoder"](x, generator=ctx.generator).z
+    fake = codes_of(ctx, x, grad=False).z.detach()
     prior = ctx.aae.prior
     if s.row.label_tag:
         real = prior.sample(len(x), ctx.generator, x.device, labels=_prior_labels(ctx, y))
@@ -343,8 +363,7 @@ def discriminator(ctx: StepContext, b: Batch, s: Settings):
 def discriminator_cat(ctx: StepContext, b: Batch, s: Settings):
     """D on the categorical y: one-hot draws against the encoder's softmax (every head's, one D for all)."""
     x = b.x
-    with torch.no_grad():
-        heads = ctx.plain["encoder"](x, generator=ctx.generator).heads
+    heads = [h.detach() for h in codes_of(ctx, x, grad=False).heads]
     fake = _softmax(heads[0]) if len(heads) == 1 else torch.cat([_softmax(h) for h in heads])
     k = ctx.aae.num_classes
     real = F.one_hot(torch.randint(0, k, (len(fake),), device=x.device, generator=ctx.generator), k).float()
@@ -362,7 +381,7 @@ def _discriminate(ctx, name, real, fake, noise):
 @term("generator", stats=("loss",))
 def generator(ctx: StepContext, b: Batch, s: Settings):
     """The encoder learns to fool every D of the variant (their input noise applies here too)."""
-    codes = ctx.wrapped["encoder"](b.x, generator=ctx.generator)
+    codes = codes_of(ctx, b.x, grad=True)
     z = _noisy(ctx, codes.z, s.phases.discriminator.input_noise)
     if s.row.label_tag:
         z = torch.cat([z, ctx.aae.one_hot(b.y, extra=1)], 1)

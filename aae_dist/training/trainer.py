@@ -47,6 +47,10 @@ class Trainer:
         t = cfg.train
         self.phases = build_phases(cfg.phases, cfg.model, t.warmup_steps, cfg.data.labeled_per_class, t.target_recon_loss)
         self.ctx = self._build_context()
+        # the discriminators and the generator share one encoder forward per step where that gives the same values
+        # (codes_of); not with micro-batches: DDP must see each micro-batch's forward right before its own backward
+        self.shares_codes = (t.share_codes and getattr(self.aae.nets["encoder"], "repeatable", False) and not t.compile and t.accumulate == 1
+                             and any(ph.name == "generator" for ph in self.phases))
         self.losses = self._build_losses()
         self.micro = t.accumulate
         self.coord = self._build_coordinator()
@@ -211,36 +215,44 @@ class Trainer:
         self.generator.manual_seed(seeds.step(self.cfg.train.seed, self.rank, self.coord.step))
         if self.cfg.train.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed: their memory may be reused
-        for ph in self.coord.phases_now():
+        phases = self.coord.phases_now()
+        self.ctx.shared_codes = {} if self.shares_codes and any(ph.name == "generator" for ph in phases) else None
+        for ph in phases:
             t0 = time.perf_counter()
             self.comm.phase = ph.name
             for _ in range(ph.repeat):
-                ph.optimizer.zero_grad(set_to_none=True)
-                for i, (x, y) in enumerate(batches):
-                    with self._no_sync(i < len(batches) - 1 or self.average_every > 1):
-                        with precision.autocast(self.device, self.autocast_dtype):
-                            loss, stats = self.losses[ph.name](self.ctx, x, y)
-                        scale = ph.cfg.weight / len(batches)
-                        (loss * scale if scale != 1.0 else loss).backward()
-                    self.coord.record(ph, stats)
-                    self.coord.flag_nonfinite(ph, loss)
-                if not self._grads_finite(ph):  # once per update, whatever the policy
-                    if self.average_every > 1:
-                        self._skip_local_update(ph)
-                        continue
-                    if self.nan_policy == "stop":
-                        self._stop_nonfinite(ph)
-                    ph.optimizer.zero_grad(set_to_none=True)  # nan_policy=skip: drop this update on every rank alike
-                    self.coord.skipped_update()
-                    if self.reporter:
-                        self.reporter.warn(f"non-finite gradients in phase '{ph.name}' (first at step {self.coord.step}): such updates are "
-                                           "skipped and counted in summary.json['skipped_updates']; lower that phase's lr if it recurs")
-                    continue
-                ph.optimizer.step()
-                self.recent_updates.append(ph)
+                self._update(ph, batches)
+                if self.ctx.shared_codes is not None and "encoder" in ph.networks:  # codes computed before are stale now
+                    self.ctx.shared_codes = None if ph.name == "generator" else {}
             ph.scheduler.step()
             self.phase_seconds[ph.name] += time.perf_counter() - t0
         return self.coord.end_step()
+
+    def _update(self, ph, batches) -> None:
+        """One optimizer step of phase `ph` (or, with non-finite gradients, the update its policy drops)."""
+        ph.optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(batches):
+            with self._no_sync(i < len(batches) - 1 or self.average_every > 1):
+                with precision.autocast(self.device, self.autocast_dtype):
+                    loss, stats = self.losses[ph.name](self.ctx, x, y)
+                scale = ph.cfg.weight / len(batches)
+                (loss * scale if scale != 1.0 else loss).backward()
+            self.coord.record(ph, stats)
+            self.coord.flag_nonfinite(ph, loss)
+        if not self._grads_finite(ph):  # once per update, whatever the policy
+            if self.average_every > 1:
+                self._skip_local_update(ph)
+                return
+            if self.nan_policy == "stop":
+                self._stop_nonfinite(ph)
+            ph.optimizer.zero_grad(set_to_none=True)  # nan_policy=skip: drop this update on every rank alike
+            self.coord.skipped_update()
+            if self.reporter:
+                self.reporter.warn(f"non-finite gradients in phase '{ph.name}' (first at step {self.coord.step}): such updates are "
+                                   "skipped and counted in summary.json['skipped_updates']; lower that phase's lr if it recurs")
+            return
+        ph.optimizer.step()
+        self.recent_updates.append(ph)
 
     def _skip_local_update(self, ph) -> None:
         """Local SGD: these gradients are this rank's own, so the other ranks cannot take the same
