@@ -118,6 +118,7 @@ def test_load_refuses_bad_input_with_one_line(api_run, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~40 s; CI keeps the API in-process and training on Ray workers through the CLI (test_train_ray.py)
 def test_train_with_ray_workers(api_run, tmp_path):
     """workers=1: the same call runs under Ray Train (a fresh local Ray), and its Result is the run's."""
     import aae_dist

@@ -86,6 +86,7 @@ RAY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~80 s; CI keeps a Ray run's checkpoints in its run folder (test_train_ray.py) and pruning in-process (this module)
 def test_ray_result_checkpoint_is_the_run_folders_checkpoint_and_a_resume_after_pruning_starts(tmp_path, make_dataset):
     """One Ray worker: Result.checkpoint points into the run folder (no copy of the bytes elsewhere), Ray deletes
     none of aae-dist's folders, and a second fit of the same run starts although aae-dist pruned checkpoints

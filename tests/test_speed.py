@@ -90,16 +90,19 @@ def test_codes_are_not_shared_where_a_second_forward_differs_or_ddp_needs_its_ow
     assert not t.shares_codes
 
 
-def test_shared_codes_on_two_ddp_workers_are_bitwise_a_forward_per_phase(tmp_path, make_dataset):
+def test_shared_codes_on_two_ddp_workers_are_bitwise_a_forward_per_phase_and_resume_exactly(tmp_path, make_dataset):
     """On 2 gloo workers the generator's backward goes through the discriminator phase's DDP forward: the same
-    all-reduced gradients, so the same weights bit for bit as a forward per phase (the default run also resumes
-    exactly: tests/test_train_ddp.py)."""
+    all-reduced gradients.  A run of 12 steps sharing (the default) ends bitwise like one that ran its first 6
+    steps with a forward per phase and resumed at that checkpoint sharing: so both paths give the same weights,
+    and resume is exact with sharing on."""
     data, _, _ = make_dataset(1000, 100)
-    base = SMALL_MODEL + [f"data.path={data}", "train.max_steps=12", "train.checkpoint_every=6", "model.variant=clustering"]
-    run_processes(load_config(None, base), str(tmp_path / "shared"), world=2)
-    run_processes(load_config(None, base + ["train.share_codes=false"]), str(tmp_path / "separate"), world=2)
-    shared, separate = read_summary(tmp_path / "shared"), read_summary(tmp_path / "separate")
-    assert shared["replicas_in_sync"] and shared["replica_fingerprints"] == separate["replica_fingerprints"]
+    base = SMALL_MODEL + [f"data.path={data}", "train.checkpoint_every=6", "model.variant=clustering"]
+    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "shared"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=6", "train.share_codes=false"]), str(tmp_path / "switched"), world=2)
+    run_processes(load_config(None, base + ["train.max_steps=12"]), str(tmp_path / "switched"), world=2)
+    shared, switched = read_summary(tmp_path / "shared"), read_summary(tmp_path / "switched")
+    assert shared["replicas_in_sync"] and switched["resumed_from_step"] == 6
+    assert shared["replica_fingerprints"] == switched["replica_fingerprints"]
 
 
 def test_a_loop_checkpoint_resumes_into_fused_kernels(tmp_path, make_dataset):
@@ -190,6 +193,7 @@ def test_compiled_forwards_train_like_eager(tmp_path, make_dataset):
     assert all(torch.allclose(x, y, rtol=1e-3, atol=1e-4) for x, y in zip(weights(eager), weights(compiled)))
 
 
+@pytest.mark.slow  # ~55 s of compiling; torch is pinned in CI, and every compile test runs with -m slow
 def test_compiled_phases_train_like_eager(tmp_path, make_dataset):
     """train.compile_scope=phases with compile_mode=reduce-overhead on the CPU (the path a GPU takes, there replayed
     as CUDA graphs; on a CPU inductor alone): each phase's whole loss is compiled (dynamo really built graphs for
