@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}, threads {args.threads}; variant {args.variant}, batch {args.batch}")
+    print(f"machine: {machine()}; variant {args.variant}, batch {args.batch}")
     data = write_mnist_like(n=20 * args.batch, shard_size=10 * args.batch)
     trainers = {"A": build(data, args.variant, args.batch, args.a), "B": build(data, args.variant, args.batch, args.b)}
     rng = np.random.default_rng(0)
