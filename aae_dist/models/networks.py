@@ -102,7 +102,7 @@ class Encoder(nn.Module):
         no random draw (noise, dropout, a sampled posterior) and no batch-norm running statistics to update.
         A user's own network is not assumed to be."""
         stateful = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-        return (not self.own and self.posterior == "deterministic" and not self.noise_dim and not self.input_noise
+        return (not self.own and self.posterior == "deterministic" and not self.input_noise
                 and not self.input_dropout and not any(isinstance(m, stateful) for m in self.modules()))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, corrupt: bool = True) -> Codes:
