@@ -271,10 +271,12 @@ class TrainConfig(Section):
                                                "bf16 (avx512_bf16/AMX; refused elsewhere); weights, gradients, losses and reductions stay fp32")
     fused: bool = Field(True, description="fused Adam/SGD kernels (one per phase) where torch has them for the device; false: the "
                                           "per-parameter loop")
-    share_codes: bool = Field(True, description="the discriminator phases and the generator share one encoder forward per step "
-                                                "where the values are the same (a built-in encoder without noise, dropout, batch "
-                                                "norm or a sampled posterior; no micro-batches or compile): one forward fewer per "
-                                                "step; false: each phase runs its own")
+    share_codes: Literal["exact", "noisy", "off"] = Field(
+        "exact", description="the discriminator phases and the generator share one encoder forward per step.  exact (or true): only "
+                             "where a second forward gives the same values (a built-in encoder without noise, dropout, batch norm or "
+                             "a sampled posterior): one forward fewer, the same training; noisy: any built-in encoder, one noise, "
+                             "dropout and posterior draw and one batch-norm update per step where each phase drew its own (changes "
+                             "the training: see RESULTS.md); off (or false): each phase runs its own.  Never with micro-batches or compile")
     compile: bool = Field(False, description="torch.compile the training step (train.compile_scope says which part; inductor: "
                                             "fewer, fused kernels; the optimizers and the coordinator's reductions stay eager).  For "
                                             "GPUs, whose step is bound by kernel launches; costs compile time at start; trains like eager "
@@ -310,6 +312,12 @@ class TrainConfig(Section):
                                                  "workers (events 'step', 'checkpoint_written'; see aae_dist/training/callbacks.py)")
     imports: list[str] = Field([], description="modules every worker imports before building: they may register loss terms "
                                                "(aae_dist.training.terms.term) and priors (aae_dist.models.priors.prior)")
+
+    @field_validator("share_codes", mode="before")
+    @classmethod
+    def _share_codes_bool(cls, v):
+        """true / false, as written before the noisy mode existed."""
+        return {True: "exact", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _one_way_to_save_bytes(self):

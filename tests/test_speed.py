@@ -82,12 +82,39 @@ def test_shared_codes_train_bit_for_bit_like_a_forward_per_phase(tmp_path, make_
 
 
 @pytest.mark.parametrize("sets", [["model.input_noise=0.1"], ["model.posterior=gaussian"], ["model.batch_norm=true"],
-                                  ["train.accumulate=2"], ["model.regularizer=kl", "model.posterior=gaussian"]])
+                                  ["train.accumulate=2"], ["model.regularizer=kl", "model.posterior=gaussian"], ["train.share_codes=off"],
+                                  ["train.share_codes=noisy", "train.accumulate=2"],
+                                  ["train.share_codes=noisy", "model.encoder.class_path=test_habits.TinyEncoder"]])
 def test_codes_are_not_shared_where_a_second_forward_differs_or_ddp_needs_its_own(tmp_path, make_dataset, sets):
-    """A random draw, batch-norm statistics or micro-batches (DDP pairs each forward with its backward): no sharing."""
+    """A random draw, batch-norm statistics or micro-batches (DDP pairs each forward with its backward): no sharing;
+    the noisy mode neither with micro-batches nor with a user's own encoder (what it computes is not known)."""
     data, _, _ = make_dataset(300, 100)
     t = Trainer(load_config(None, SMALL_MODEL + [f"data.path={data}", *sets]), LocalSession(str(tmp_path / "r"), 1))
     assert not t.shares_codes
+
+
+NOISY_ENCODER = ["model.variant=clustering", "model.input_noise=0.3", "model.input_dropout=0.2", "model.batch_norm=true"]
+
+
+def test_noisy_shared_codes_share_one_draw_of_a_noisy_encoder(tmp_path, make_dataset):
+    """train.share_codes=noisy: an encoder with input noise, dropout and batch norm (the shipped clustering
+    recipe's) runs once for the discriminators and the generator: 2 training forwards per step instead of 4, and a
+    different training than a draw per phase (so the switch really changed something)."""
+    data, _, _ = make_dataset(1000, 100)
+    noisy, n_noisy = counted_run(tmp_path, data, "noisy", *NOISY_ENCODER, "train.share_codes=noisy")
+    exact, n_exact = counted_run(tmp_path, data, "exact", *NOISY_ENCODER)
+    assert noisy.shares_codes and not exact.shares_codes
+    assert (n_exact, n_noisy) == (12 * 4, 12 * 2)
+    assert not all(torch.equal(x, y) for x, y in zip(weights(noisy), weights(exact)))
+    assert read_summary(tmp_path / "noisy")["metrics"]["recon_loss"] < 1.0
+
+
+def test_noisy_shared_codes_on_two_ddp_workers_identical_replicas_and_exact_resume(tmp_path, make_dataset):
+    """The noisy mode on 2 gloo workers: replicas identical (batch-norm buffers included), a run split at the
+    step-6 checkpoint bitwise the whole one (ddp_whole_split_and_plain checks both)."""
+    data, _, _ = make_dataset(1000, 100)
+    whole, split, _ = ddp_whole_split_and_plain(tmp_path, data, NOISY_ENCODER + ["train.share_codes=noisy"])
+    assert whole["steps"] == split["steps"] == 12
 
 
 def test_shared_codes_on_two_ddp_workers_are_bitwise_a_forward_per_phase_and_resume_exactly(tmp_path, make_dataset):

@@ -48,8 +48,11 @@ class Trainer:
         self.phases = build_phases(cfg.phases, cfg.model, t.warmup_steps, cfg.data.labeled_per_class, t.target_recon_loss)
         self.ctx = self._build_context()
         # the discriminators and the generator share one encoder forward per step where that gives the same values
-        # (codes_of); not with micro-batches: DDP must see each micro-batch's forward right before its own backward
-        self.shares_codes = (t.share_codes and getattr(self.aae.nets["encoder"], "repeatable", False) and not t.compile and t.accumulate == 1
+        # (codes_of), or, with share_codes=noisy, one draw of the noise; not with micro-batches: DDP must see each
+        # micro-batch's forward right before its own backward
+        encoder = self.aae.nets["encoder"]
+        shareable = {"exact": getattr(encoder, "repeatable", False), "noisy": not getattr(encoder, "own", True), "off": False}
+        self.shares_codes = (shareable[t.share_codes] and not t.compile and t.accumulate == 1
                              and any(ph.name == "generator" for ph in self.phases))
         self.losses = self._build_losses()
         self.micro = t.accumulate
