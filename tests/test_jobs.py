@@ -29,3 +29,15 @@ def test_job_config_trains_on_embedded_data(path, digits_url, tmp_path):
     preflight(cfg)
     s = train_in_process(cfg, str(tmp_path / "r"))
     assert s["steps"] == 2 and s["metrics"]["recon_loss"] > 0
+
+
+def test_paper_scale_clustering_carries_the_cpu_recipe():
+    """jobs/mnist_clustering_16.yaml is the measured CPU recipe at the paper's network size and data: everything but
+    the networks' widths, the checkpoint interval and the data size stays the same, so a change to the recipe
+    that is not made in both files fails here."""
+    paper = load_config(os.path.join(HERE, "mnist_clustering_16.yaml")).model_dump()
+    cpu = load_config(os.path.join(HERE, "cpu", "mnist_clustering_16.yaml")).model_dump()
+    assert paper["model"]["hidden"] == paper["model"]["disc_hidden"] == [3000, 3000]
+    for c in (paper, cpu):
+        del c["model"]["hidden"], c["model"]["disc_hidden"], c["train"]["checkpoint_every"]
+    assert paper == cpu
