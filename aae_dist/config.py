@@ -217,6 +217,9 @@ class ReconstructionPhaseConfig(PhaseConfig):
                                                            "the model's input (deskewed already with model.deskew), or images "
                                                            "deskewed (slant and centre of mass normalised by their moments, as "
                                                            "for k-NN on handwriting)")
+    neighbours_mutual: bool = Field(False, description="neighbours > 0: x's neighbour is drawn only among the nearest that would also "
+                                                 "count x among their neighbours_k nearest (mutual nearest neighbours: fewer pairs "
+                                                 "across classes); a sample with none draws its nearest")
     neighbours_moved: bool = Field(False, description="neighbours > 0: the neighbour is also moved as the consistency term's copies are "
                                                 "(consistency_shift / rotate / scale / shear / thickness; images only)")
     info: float = Field(0.0, ge=0, le=MAX_SCALE, description="variants with a categorical y: weight of H(y|x) - info_mu x H(mean y), the "

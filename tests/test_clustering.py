@@ -213,6 +213,55 @@ def test_neighbour_positions_on_a_sample_for_large_data_are_the_nearest_in_that_
         assert set(positions[np.searchsorted(keys, neighbours.fingerprint(x[i : i + 1]).numpy()[0])]) == set(np.argsort(d)[:3])
 
 
+def mutual_filled(nearest: list[list[int]], mutual: list[list[bool]]) -> list[list[int]]:
+    """Each row's kept neighbours, nearest first, repeated to fill its k columns; none kept: its nearest."""
+    out = []
+    for row, keep in zip(nearest, mutual):
+        kept = [p for p, m in zip(row, keep) if m] or [row[0]]
+        out.append([kept[j % len(kept)] for j in range(len(row))])
+    return out
+
+
+def test_mutual_neighbours_match_a_brute_force_search():
+    """neighbours_mutual: p stays among i's k nearest only where i is among p's k nearest too (exact search), the kept
+    ones repeated to fill the k columns; a sample with no mutual neighbour keeps its nearest."""
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.random((300, 1, 4, 4), dtype=np.float32))
+    keys, positions, pick = neighbours.neighbour_positions(_batches(x, 64), 300, k=5, seed=0, chunk=50, mutual=True)
+    assert np.array_equal(pick, np.arange(300))
+    nearest = brute_force_nearest(x.flatten(1).double().numpy(), 5).tolist()
+    want = mutual_filled(nearest, [[i in nearest[p] for p in row] for i, row in enumerate(nearest)])
+    rows = np.searchsorted(keys, neighbours.fingerprint(x).numpy())
+    assert positions[rows].tolist() == want
+    kept = [len(set(r)) for r in want]
+    assert min(kept) == 1 and max(kept) == 5 and sum(k < 5 for k in kept) > 100  # the filter does something, and not everything
+    plain = neighbours.neighbour_positions(_batches(x, 64), 300, k=5, seed=0, chunk=50)[1]
+    assert plain[rows].tolist() == nearest  # the default keeps all k
+
+
+def test_mutual_neighbours_on_a_sample_for_large_data_use_the_references_own_kth_distance():
+    """Above the exact limit the reference is a sample: p is kept for i where i's distance to p is within p's own
+    k-th neighbour distance in that sample (for i in the sample that is exactly "p lists i")."""
+    from aae_dist.training import neighbours
+
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.random((600, 8), dtype=np.float32))
+    keys, positions, pick = neighbours.neighbour_positions(_batches(x, 100), 600, k=3, seed=0, limit=200, mutual=True)
+    ref = x[pick].double().numpy()
+    own = np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1))
+    np.fill_diagonal(own, np.inf)
+    kth = np.sort(own, 1)[:, 2]
+    for i in range(0, 600, 29):
+        d = np.sqrt(((ref - x[i].double().numpy()) ** 2).sum(1))
+        if i in set(pick):
+            d[np.searchsorted(pick, i)] = np.inf
+        row = np.argsort(d)[:3].tolist()
+        want = mutual_filled([row], [[d[p] <= kth[p] for p in row]])[0]
+        assert positions[np.searchsorted(keys, neighbours.fingerprint(x[i : i + 1]).numpy()[0])].tolist() == want
+
+
 def test_neighbour_term_is_the_kl_to_the_neighbours_y_and_moves_the_neighbour_only_when_asked():
     """The term's value is KL(y(x) || y(n)) for the neighbour the table hands out (here: the batch reversed);
     neighbours_moved moves n first (another value on the same seed); table rows cannot be moved: one line."""
@@ -282,10 +331,11 @@ def test_imsat_terms_and_the_neighbour_term_on_two_workers_stay_identical_and_re
     """One pair of 2-worker runs for both run-folder tables (CI time): the information term, adaptive VAT and the
     neighbour term together; the VAT radius table and the neighbour table are each written once and reused."""
     data, _, _ = make_dataset(400, 100)
-    base = SMALL_MODEL + IMSAT + NEIGHBOURS[3:] + [f"data.path={data}", "train.checkpoint_every=5"]
+    base = SMALL_MODEL + IMSAT + NEIGHBOURS[3:] + [f"data.path={data}", "train.checkpoint_every=5",
+                                                   "phases.reconstruction.neighbours_mutual=true"]
     _, table = two_workers_whole_and_resumed(tmp_path, base, "neighbours.npz", also="vat_radius.npz")
     with np.load(table, allow_pickle=False) as f:
-        assert f["positions"].shape == (400, 3) and f["keys"].dtype == np.int64
+        assert f["positions"].shape == (400, 3) and f["keys"].dtype == np.int64 and bool(f["mutual"])
     with np.load(table.parent / "vat_radius.npz", allow_pickle=False) as f:
         assert len(f["radii"]) == 400 and f["keys"].dtype == np.int64
 
@@ -305,6 +355,28 @@ def test_a_damaged_neighbour_table_is_one_line_and_keeps_the_checkpoint(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neighbours.npz is not a valid neighbour table" in err[0] and "delete it and resume" in err[0]
     assert {k: v for k, v in tree_digest(tmp_path / "r").items() if k != "config.json"} == before  # checkpoints and all else kept
+
+
+def test_resuming_with_other_neighbour_settings_than_the_stored_table_is_one_line(tmp_path, make_dataset, capsys):
+    """The table is searched once per run; a resume that asks for other neighbours (mutual, or another k) is refused
+    in one line naming the file and both settings, and keeps the run; with the table's own settings it resumes."""
+    from aae_dist.cli import main
+
+    data, _, _ = make_dataset(200, 50)
+    argv = ["train", "--workers", "0", "--storage", str(tmp_path), "--name", "r", "--set", f"data.path={data}"]
+    for s in SMALL_MODEL + NEIGHBOURS + ["train.checkpoint_every=2"]:
+        argv += ["--set", s]
+    assert main(argv + ["--set", "train.max_steps=2"]) == 0
+    before = {k: v for k, v in tree_digest(tmp_path / "r").items() if k != "config.json"}
+    for other, said in ((["phases.reconstruction.neighbours_mutual=true"], "asks for 3, true"),
+                        (["phases.reconstruction.neighbours_k=4"], "asks for 4, false")):
+        capsys.readouterr()
+        assert main(argv + ["--set", "train.max_steps=4", "--resume"] + [a for o in other for a in ("--set", o)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "neighbours.npz was searched with phases.reconstruction.neighbours_k=3, neighbours_mutual=false" in err[0], err
+        assert said in err[0] and "delete the file to search again" in err[0] and "Traceback" not in err[0]
+        assert {k: v for k, v in tree_digest(tmp_path / "r").items() if k != "config.json"} == before
+    assert main(argv + ["--set", "train.max_steps=4", "--resume"]) == 0
 
 
 # ---- fair baselines ----------------------------------------------------------------------------

@@ -50,11 +50,11 @@ def reference_rows(n: int, seed: int, limit: int = EXACT_LIMIT) -> np.ndarray:
     return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int, space=None):
+def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int, space=None, keep_order: bool = False):
     """(sorted fingerprints, distances (n, k), positions in the reference (n, k)) of every sample's k nearest
     reference samples, itself left out; batches() yields the n samples in the same order each call.  space:
     what the distances are measured on (a function of a batch; None: the samples themselves); the fingerprints
-    are always of the samples as they are."""
+    are always of the samples as they are.  keep_order: all three in the samples' order instead, unsorted."""
     space = space or (lambda x: x)
     where = np.full(n, -1, dtype=np.int64)
     where[pick] = np.arange(len(pick))
@@ -77,9 +77,11 @@ def _search(batches, n: int, k: int, pick: np.ndarray, chunk: int, space=None):
             pos.append(p)
         keys.append(fingerprint(x))
         seen += len(x)
-    keys = torch.cat(keys).numpy()
+    keys, dist, pos = torch.cat(keys).numpy(), torch.cat(dist).numpy(), torch.cat(pos).numpy()
+    if keep_order:
+        return keys, dist, pos
     order = np.argsort(keys, kind="stable")
-    return keys[order], torch.cat(dist).numpy()[order], torch.cat(pos).numpy()[order]
+    return keys[order], dist[order], pos[order]
 
 
 def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -98,16 +100,35 @@ def compute(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk:
 
 
 def neighbour_positions(batches, n: int, k: int, seed: int, limit: int = EXACT_LIMIT, chunk: int = 1000,
-                        space=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        space=None, mutual: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted fingerprints, positions (n, k) of each sample's k nearest in the reference, the reference's
     rows among the n): exact up to `limit` samples; above, the k nearest within a seeded sample of `limit`.
-    space: what the distances are measured on (e.g. `deskewed`; None: the samples as they are)."""
+    space: what the distances are measured on (e.g. `deskewed`; None: the samples as they are).  mutual: each
+    row keeps only its mutual neighbours (`mutual_only`)."""
     pick = reference_rows(n, seed, limit)
-    found = _search(batches, n, k, pick, chunk, space)
+    found = _search(batches, n, k, pick, chunk, space, keep_order=mutual)
     if found is None:
         raise UserError(f"phases.reconstruction.neighbours_k={k} needs more than {k} training samples, the data has {n}: lower it")
-    keys, _, pos = found
+    keys, dist, pos = found
+    if mutual:
+        pos = mutual_only(dist, pos, pick)
+        order = np.argsort(keys, kind="stable")
+        keys, pos = keys[order], pos[order]
     return keys, pos.astype(np.int64), pick
+
+
+def mutual_only(dist: np.ndarray, pos: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """Rows in the samples' own order.  Keeps p among row i's k nearest only where i would be among p's k nearest
+    too (i's distance to p within p's own k-th neighbour distance: for a sample in the reference, exactly "p lists
+    i"); the kept positions, nearest first, repeat to fill the k columns, so a draw among the k columns is a draw
+    among them; a row with none keeps its nearest.  On digits 5-NN pairs share the label 92% of the time, mutual
+    ones 97%."""
+    kth_of_reference = dist[pick, -1]  # each reference sample's distance to its own k-th nearest (itself left out)
+    keep = dist <= kth_of_reference[pos] * (1 + 1e-9)
+    keep[keep.sum(1) == 0, 0] = True  # none: the nearest
+    first = np.argsort(~keep, axis=1, kind="stable")  # kept columns first, nearest first
+    count = keep.sum(1, keepdims=True)
+    return np.take_along_axis(pos, np.take_along_axis(first, np.arange(pos.shape[1])[None] % count, 1), 1)
 
 
 class RadiusTable:
@@ -163,26 +184,39 @@ class NeighbourTable:
         return torch.where(hit, found, x)
 
 
-def neighbours_to_bytes(keys: np.ndarray, positions: np.ndarray, pick: np.ndarray) -> bytes:
+def neighbours_to_bytes(keys: np.ndarray, positions: np.ndarray, pick: np.ndarray, mutual: bool = False) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, keys=keys, positions=positions, pick=pick)
+    np.savez(buf, keys=keys, positions=positions, pick=pick, mutual=np.asarray(mutual))
     return buf.getvalue()
 
 
-def neighbours_from_bytes(data: bytes, url: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The stored neighbour table, checked against the n training samples it must describe."""
+def check_settings(positions: np.ndarray, mutual: bool, k: int, want_mutual: bool, url: str) -> None:
+    """A stored table serves a resumed run only with the settings it was searched with (else the run would quietly
+    draw from other neighbours than its config says)."""
+    if positions.shape[1] != k or mutual != want_mutual:
+        raise UserError(f"{storage.redact(url)} was searched with phases.reconstruction.neighbours_k={positions.shape[1]}, "
+                        f"neighbours_mutual={str(mutual).lower()}; the config asks for {k}, {str(want_mutual).lower()}: resume with "
+                        "the settings it was searched with, or delete the file to search again")
+
+
+def neighbours_from_bytes(data: bytes, url: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The stored neighbour table, checked against the n training samples it must describe, and whether it keeps
+    mutual neighbours only (a table written before that setting existed does not)."""
     def bad(why: str):
         return UserError(f"{storage.redact(url)} is not a valid neighbour table ({why}): delete it and resume (it is recomputed)")
 
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             keys, positions, pick = f["keys"], f["positions"], f["pick"]
+            mutual = f["mutual"] if "mutual" in f.files else np.asarray(False)
     except (ValueError, KeyError, OSError) as exc:
         raise bad(str(exc)) from None
+    if mutual.dtype != np.bool_ or mutual.shape != ():
+        raise bad("its mutual flag is not one boolean")
     ok = (keys.dtype == np.int64 and positions.dtype == np.int64 and pick.dtype == np.int64 and keys.ndim == 1
           and positions.ndim == 2 and len(keys) == len(positions) == n and pick.ndim == 1 and len(pick)
           and np.all(np.diff(keys) >= 0) and np.all(np.diff(pick) > 0) and pick[0] >= 0 and pick[-1] < n
           and positions.min(initial=0) >= 0 and positions.max(initial=0) < len(pick))
     if not ok:
         raise bad(f"not {n} sorted keys with positions into a sorted reference")
-    return keys, positions, pick
+    return keys, positions, pick, bool(mutual)

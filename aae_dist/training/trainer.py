@@ -195,14 +195,15 @@ class Trainer:
         n = self.manifest.splits["train"].count
         url = storage.join(self.session.run_url, neighbours.NEIGHBOUR_FILE)
         if storage.exists(url):
-            keys, positions, pick = neighbours.neighbours_from_bytes(storage.read_bytes(url), url, n)
+            keys, positions, pick, mutual = neighbours.neighbours_from_bytes(storage.read_bytes(url), url, n)
+            neighbours.check_settings(positions, mutual, rc.neighbours_k, rc.neighbours_mutual, url)
         else:
             # the samples are the model's inputs: with model.deskew already deskewed
             space = neighbours.deskewed if rc.neighbours_space == "deskewed" and not self.cfg.model.deskew else None
             keys, positions, pick = neighbours.neighbour_positions(self._training_samples, n, rc.neighbours_k, self.cfg.train.seed,
-                                                                   space=space)
+                                                                   space=space, mutual=rc.neighbours_mutual)
             if self.rank == 0:
-                storage.write_bytes_atomic(url, neighbours.neighbours_to_bytes(keys, positions, pick))
+                storage.write_bytes_atomic(url, neighbours.neighbours_to_bytes(keys, positions, pick, rc.neighbours_mutual))
         keep = torch.zeros(n, dtype=torch.bool)
         keep[torch.from_numpy(pick)] = True
         rows, seen = [], 0
